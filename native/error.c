@@ -1,0 +1,27 @@
+/* error.c - the last error message, per thread. */
+#include <stdio.h>
+#include <time.h>
+#include "internal.h"
+
+static __thread char last_error[256];
+
+PYLB_API const char *pylb_last_error(void)
+{
+    return last_error;
+}
+
+int pylb_fail(int status, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(last_error, sizeof(last_error), fmt, ap);
+    va_end(ap);
+    return status;
+}
+
+uint32_t pylb_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (uint32_t)((uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u);
+}

@@ -1,0 +1,470 @@
+/*
+ * pylb.h - the whole C interface of the pylb data-plane shim.
+ *
+ * Python reaches the shim only through this header: pylb/_build_ffi.py feeds
+ * the part between the "cffi:begin" and "cffi:end" markers to cffi's cdef.
+ * No DPDK type appears here; handles are opaque and every call that can fail
+ * returns a pylb_status (0 = ok, negative = error) with a message available
+ * from pylb_last_error().
+ *
+ * Modules (one concept each, same name as the Python module that wraps it):
+ *   eal.c        EAL start and stop
+ *   port.c       ports from a vdev string or PCI address, queues, mempools
+ *   flow_id.c    the seeded 5-tuple hash (reference: pylb/flow_id.py)
+ *   parse.c      Ethernet/VLAN/ARP/IPv4/IPv6/TCP/UDP/ICMP parsing of a buffer
+ *   maglev.c     Maglev destination tables (reference: pylb/maglev.py)
+ *   flow_cache.c lock-free, bounded, aging flow cache with no pointers inside
+ *   encap.c      IPIP (RFC 2003/2473), VXLAN (RFC 7348), GUE (variant 1)
+ *   neigh.c      ARP / neighbour discovery: answers and next-hop resolution
+ *   dataplane.c  a compiled, immutable forwarding configuration
+ *   worker.c     the burst loop: rx, classify, cache, table, encap, tx
+ *   stats.h      counters (equations in the comment on struct pylb_stats)
+ */
+#ifndef PYLB_H
+#define PYLB_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* cffi:begin */
+
+#define PYLB_BURST 32
+#define PYLB_TABLE_SIZE_DEFAULT 65537
+#define PYLB_NO_BACKEND 4294967295
+#define PYLB_MAX_VIPS 1024
+#define PYLB_FLOW_CACHE_WAYS 8
+
+enum pylb_status {
+    PYLB_OK = 0,
+    PYLB_EINVAL = -1,   /* an argument or configuration is wrong */
+    PYLB_ENOMEM = -2,   /* memory (hugepages, mempool) could not be had */
+    PYLB_EDPDK = -3,    /* a DPDK call failed; the message says which */
+    PYLB_ESTATE = -4,   /* the call is not allowed in the current state */
+    PYLB_ENOTFOUND = -5,
+    PYLB_EFULL = -6,    /* no room: flow cache set full, queue full */
+    PYLB_ETOOBIG = -7   /* the result would not fit the buffer or MTU */
+};
+
+/* The message of the last failing call on this thread ("" if none). */
+const char *pylb_last_error(void);
+
+/* ------------------------------------------------------------------ eal */
+
+/* Starts DPDK's EAL with the given arguments (argv[0] included). Once per
+ * process; a second call returns PYLB_ESTATE. */
+int pylb_eal_init(int argc, char **argv);
+/* Releases EAL memory (hugepage files). No pylb call may follow. */
+int pylb_eal_cleanup(void);
+/* 1 when the EAL runs on hugepages, 0 with --no-huge. */
+int pylb_eal_hugepages(void);
+
+/* ------------------------------------------------------------------ addresses and keys */
+
+/* An IP address: IPv6 as is, IPv4 as ::ffff:a.b.c.d (v4-mapped). */
+struct pylb_ip {
+    uint8_t b[16];
+};
+
+/* A flow key, 40 bytes, the input of the flow id. Ports in host order. */
+struct pylb_flow_key {
+    struct pylb_ip src;
+    struct pylb_ip dst;
+    uint16_t sport;
+    uint16_t dport;
+    uint8_t proto;
+    uint8_t pad[3];     /* always zero */
+};
+
+/* ------------------------------------------------------------------ flow_id */
+
+/* The flow id: a seeded 64-bit hash of the key, identical on every balancer
+ * given the same seed. Specified in docs/flow-id.md. */
+uint64_t pylb_flow_id(const struct pylb_flow_key *key, uint64_t seed);
+/* Bucket of a flow id in a table of size m. */
+uint32_t pylb_bucket(uint64_t flow_id, uint32_t m);
+
+/* ------------------------------------------------------------------ parse */
+
+enum pylb_l3 { PYLB_L3_NONE = 0, PYLB_L3_ARP = 1, PYLB_L3_IPV4 = 4, PYLB_L3_IPV6 = 6 };
+
+enum pylb_parse_result {
+    PYLB_PARSE_OK = 0,
+    PYLB_PARSE_NOT_IP = 1,         /* valid, neither IP nor ARP */
+    PYLB_PARSE_TRUNCATED = 2,      /* a header extends past the data */
+    PYLB_PARSE_BAD_HEADER = 3      /* a field is impossible (IHL < 5, length, version) */
+};
+
+/* Parse flags. */
+#define PYLB_PF_VLAN 1
+#define PYLB_PF_FRAGMENT 2         /* any fragment (first or later) */
+#define PYLB_PF_LATER_FRAGMENT 4   /* offset != 0: no L4 header */
+#define PYLB_PF_IP_OPTIONS 8       /* IPv4 options or IPv6 extension headers */
+#define PYLB_PF_HAS_L4 16          /* l4 ports valid */
+
+/* What the parser learnt of one frame. Offsets are from the frame start. */
+struct pylb_parsed {
+    uint8_t l3;                /* enum pylb_l3 */
+    uint8_t l4_proto;          /* IPPROTO_* of the transport header, 0 if none */
+    uint8_t tcp_flags;         /* TCP flag byte (FIN=1 SYN=2 RST=4 ACK=16) */
+    uint8_t ttl;               /* IPv4 TTL / IPv6 hop limit */
+    uint16_t flags;            /* PYLB_PF_* */
+    uint16_t vlan_tci;
+    uint16_t l2_len;           /* Ethernet + VLAN */
+    uint16_t l3_len;           /* IP header with options / extension headers */
+    uint16_t l3_total;         /* IP total length (header + payload) */
+    uint8_t tos;               /* IPv4 TOS / IPv6 traffic class */
+    uint8_t df;                /* IPv4 DF bit */
+    uint8_t icmp_type;
+    uint8_t icmp_code;
+    struct pylb_flow_key key;  /* src, dst, ports (0 if none), proto */
+};
+
+/* Parses one frame. Never reads past len. */
+int pylb_parse(const uint8_t *frame, uint32_t len, struct pylb_parsed *out);
+
+/* ------------------------------------------------------------------ maglev */
+
+/* A backend as Maglev sees it: a stable name and a weight (0 = no buckets). */
+struct pylb_maglev_backend {
+    const char *name;
+    uint32_t weight;
+};
+
+/* Fills table[0..m) with backend indices (or PYLB_NO_BACKEND when no backend
+ * has weight). m must be prime. Algorithm in docs/maglev.md; reference in
+ * pylb/maglev.py. */
+int pylb_maglev_build(const struct pylb_maglev_backend *backends, uint32_t n,
+                      uint32_t m, uint32_t *table);
+
+/* ------------------------------------------------------------------ flow_cache */
+
+/* Timeout classes of a cached flow. */
+enum pylb_timeout_class {
+    PYLB_TO_TCP = 0,         /* established TCP */
+    PYLB_TO_TCP_CLOSING = 1, /* TCP after FIN or RST */
+    PYLB_TO_UDP = 2,
+    PYLB_TO_OTHER = 3
+};
+
+struct pylb_flow_cache;
+
+/* Bytes of memory a cache of `capacity` flows needs (rounded up to whole
+ * sets of PYLB_FLOW_CACHE_WAYS). */
+size_t pylb_flow_cache_footprint(uint64_t capacity);
+/* Lays out a cache in caller-provided memory (e.g. a MAP_SHARED mapping or a
+ * hugepage memzone) so several processes can use it; mem holds no pointers.
+ * init=1 clears it, init=0 attaches to one laid out already. */
+int pylb_flow_cache_attach(void *mem, size_t len, uint64_t capacity, int init,
+                           const uint32_t timeouts_ms[4],
+                           struct pylb_flow_cache **out);
+/* Allocates process-local memory for a cache (hugepages when the EAL runs). */
+int pylb_flow_cache_create(uint64_t capacity, const uint32_t timeouts_ms[4],
+                           struct pylb_flow_cache **out);
+void pylb_flow_cache_destroy(struct pylb_flow_cache *c);
+int pylb_flow_cache_set_timeouts(struct pylb_flow_cache *c, const uint32_t timeouts_ms[4]);
+
+/* Looks up one flow; on a hit writes the backend id, refreshes last-seen, and
+ * moves TCP to closing on FIN/RST (tcp_flags). Returns 1 hit, 0 miss. */
+int pylb_flow_cache_lookup(struct pylb_flow_cache *c, const struct pylb_flow_key *key,
+                           uint64_t flow_id, uint32_t now_ms, uint8_t tcp_flags,
+                           uint32_t *backend);
+/* Inserts or replaces a flow. PYLB_EFULL when its set holds only live flows
+ * (the caller then forwards by the destination table; nothing is evicted). */
+int pylb_flow_cache_insert(struct pylb_flow_cache *c, const struct pylb_flow_key *key,
+                           uint64_t flow_id, uint32_t backend, uint32_t now_ms,
+                           uint8_t timeout_class);
+int pylb_flow_cache_remove(struct pylb_flow_cache *c, const struct pylb_flow_key *key,
+                           uint64_t flow_id);
+/* Frees expired entries in up to max_sets sets, continuing where the last call
+ * stopped; returns the number freed. */
+uint64_t pylb_flow_cache_age(struct pylb_flow_cache *c, uint32_t now_ms, uint64_t max_sets);
+/* Live (unexpired) entries: an O(capacity) scan, for tests and status. */
+uint64_t pylb_flow_cache_count(struct pylb_flow_cache *c, uint32_t now_ms);
+uint64_t pylb_flow_cache_capacity(const struct pylb_flow_cache *c);
+
+/* ------------------------------------------------------------------ encap */
+
+enum pylb_encap_kind {
+    PYLB_ENCAP_IPIP = 1,   /* 4in4 (RFC 2003), 6in6 / 4in6 / 6in4 (RFC 2473) */
+    PYLB_ENCAP_VXLAN = 2,  /* RFC 7348, inner Ethernet to inner_mac */
+    PYLB_ENCAP_GUE = 3     /* GUE variant 1: IP directly in UDP */
+};
+
+/* Everything the encapsulation needs besides the inner packet. */
+struct pylb_encap_params {
+    uint8_t kind;             /* enum pylb_encap_kind */
+    uint8_t ttl;              /* outer TTL / hop limit */
+    uint16_t udp_dport;       /* VXLAN / GUE destination port */
+    uint32_t vni;             /* VXLAN network identifier */
+    struct pylb_ip src;       /* outer source: the balancer's data address */
+    struct pylb_ip dst;       /* outer destination: the backend */
+    uint8_t src_mac[6];       /* outer Ethernet source */
+    uint8_t dst_mac[6];       /* outer Ethernet destination: the next hop */
+    uint8_t inner_mac[6];     /* VXLAN: inner Ethernet destination */
+    uint8_t pad[2];
+    uint16_t mtu;             /* largest outer IP packet allowed */
+};
+
+/* Bytes of outer headers (Ethernet included) the params add to an inner IP
+ * packet of family inner_l3 (4 or 6). */
+uint32_t pylb_encap_overhead(const struct pylb_encap_params *p, uint8_t inner_l3);
+
+/* Writes the outer headers in front of the inner IP packet at buf[off ..
+ * off+inner_len): they end at buf+off and start at buf+off-overhead.
+ * flow_id seeds the UDP source port and the IPv6 flow label.
+ * Returns the overhead (>0) or PYLB_EINVAL / PYLB_ETOOBIG (outer packet over
+ * the MTU) / PYLB_EFULL (off < overhead). */
+int pylb_encap_write(const struct pylb_encap_params *p, uint8_t *buf, uint32_t off,
+                     uint32_t inner_len, uint8_t inner_l3, uint64_t flow_id);
+
+/* ------------------------------------------------------------------ dataplane */
+
+/* A backend in the compiled configuration; its index is its backend id. */
+struct pylb_dp_backend {
+    struct pylb_ip addr;
+    uint8_t weight_zero;      /* drained: keeps established flows only */
+    uint8_t pad[3];
+};
+
+/* VIP flags. */
+#define PYLB_VIP_ANSWER_ARP 1     /* answer ARP / NS for the VIP address */
+#define PYLB_VIP_TRACK_ALL 2      /* cache every flow, not only moved buckets */
+
+/* A VIP: (address, protocol, port) -> tables of backend ids. */
+struct pylb_dp_vip {
+    struct pylb_ip addr;
+    uint8_t proto;            /* 6 TCP, 17 UDP */
+    uint8_t flags;            /* PYLB_VIP_* */
+    uint16_t port;            /* 0 = all ports */
+    struct pylb_encap_params encap;  /* kind, ttl, udp_dport, vni, inner_mac used */
+    uint32_t table_size;      /* prime */
+    const uint32_t *current;  /* table_size backend ids */
+    const uint32_t *previous; /* NULL when there is no previous generation */
+};
+
+/* Exception path for frames that are not for a VIP or the balancer. */
+enum pylb_exception_policy { PYLB_EXC_DROP = 0, PYLB_EXC_TAP = 1 };
+
+/* Input of pylb_dataplane_compile. All pointers are read during the call only:
+ * the compiled result is one self-contained copy. */
+struct pylb_dp_conf {
+    uint64_t generation;          /* increases with every compile */
+    uint64_t flow_seed;           /* seed of the flow id */
+    struct pylb_ip local_v4;      /* data addresses: outer source, ARP/NS answers */
+    struct pylb_ip local_v6;      /* all zero = none */
+    uint8_t has_v4;
+    uint8_t has_v6;
+    uint8_t exception_policy;     /* enum pylb_exception_policy */
+    uint8_t pad;
+    uint16_t mtu;                 /* of the port toward backends */
+    uint16_t peer_port;           /* UDP port of peer messages (0 = none) */
+    uint32_t n_backends;
+    const struct pylb_dp_backend *backends;
+    uint32_t n_vips;
+    const struct pylb_dp_vip *vips;
+};
+
+struct pylb_dataplane;
+int pylb_dataplane_compile(const struct pylb_dp_conf *conf, struct pylb_dataplane **out);
+void pylb_dataplane_free(struct pylb_dataplane *dp);
+uint64_t pylb_dataplane_generation(const struct pylb_dataplane *dp);
+/* The fast path's decision for a key, without a packet: vip index (or -1),
+ * flow id, bucket, current and previous backend. For `pylb which` and tests. */
+int pylb_dataplane_classify(const struct pylb_dataplane *dp, const struct pylb_flow_key *key,
+                            int32_t *vip, uint64_t *flow_id, uint32_t *bucket,
+                            uint32_t *current, uint32_t *previous);
+
+/* ------------------------------------------------------------------ neigh */
+
+struct pylb_neigh;
+int pylb_neigh_create(uint32_t capacity, struct pylb_neigh **out);
+void pylb_neigh_destroy(struct pylb_neigh *n);
+/* A static entry (configuration override); never expires or changes. */
+int pylb_neigh_set_static(struct pylb_neigh *n, const struct pylb_ip *ip, const uint8_t mac[6]);
+/* 1 and the MAC if resolved, else 0. */
+int pylb_neigh_lookup(struct pylb_neigh *n, const struct pylb_ip *ip, uint8_t mac[6]);
+
+/* ------------------------------------------------------------------ port */
+
+struct pylb_port_conf {
+    const char *device;       /* "net_ring0", "net_pcap0,rx_pcap=a,tx_pcap=b", "0000:03:00.0" */
+    uint16_t rx_queues;
+    uint16_t tx_queues;
+    uint16_t rx_desc;
+    uint16_t tx_desc;
+    uint32_t mbufs;           /* mempool size */
+    uint16_t mtu;             /* 0 = leave as is */
+    uint8_t promiscuous;
+    uint8_t pad;
+};
+
+struct pylb_port;
+int pylb_port_open(const struct pylb_port_conf *conf, struct pylb_port **out);
+void pylb_port_close(struct pylb_port *p);
+int pylb_port_mac(const struct pylb_port *p, uint8_t mac[6]);
+uint16_t pylb_port_id(const struct pylb_port *p);
+
+struct pylb_port_stats {
+    uint64_t ipackets, opackets, ibytes, obytes, imissed, ierrors, oerrors, rx_nombuf;
+};
+int pylb_port_stats(const struct pylb_port *p, struct pylb_port_stats *out);
+
+/* Sends frames out of a port's queue (tests and the traffic generator). */
+int pylb_port_send(struct pylb_port *p, uint16_t queue, const uint8_t *const *frames,
+                   const uint32_t *lens, uint32_t n, uint32_t *sent);
+/* Receives up to max frames into buf (each at buf + i*stride, length in
+ * lens[i]). Frames longer than stride are cut and counted in *cut. */
+int pylb_port_recv(struct pylb_port *p, uint16_t queue, uint8_t *buf, uint32_t stride,
+                   uint32_t *lens, uint32_t max, uint32_t *n, uint32_t *cut);
+
+/* ------------------------------------------------------------------ worker */
+
+/* Why a packet (or a notice) reaches Python. */
+enum pylb_punt_reason {
+    PYLB_PUNT_MOVED = 1,      /* held: existing flow, no state, moved bucket */
+    PYLB_PUNT_NEW_STATE = 2,  /* notice: new flow in a moved bucket was cached; push its state */
+    PYLB_PUNT_PEER = 3,       /* held: a peer message for this balancer */
+    PYLB_PUNT_UDP_MOVED = 4   /* held: UDP flow with no state in a moved bucket */
+};
+
+/* One packet or notice handed to Python. Held packets stay in the worker
+ * until a verdict names their slot. */
+struct pylb_punt {
+    uint32_t slot;            /* held packet slot, or PYLB_NO_BACKEND for a notice */
+    uint8_t reason;           /* enum pylb_punt_reason */
+    uint8_t tcp_flags;
+    int16_t vip;              /* VIP index, -1 for peer messages */
+    uint64_t flow_id;
+    uint32_t bucket;
+    uint32_t current;         /* backend id in the current table */
+    uint32_t previous;        /* backend id in the previous table */
+    uint32_t backend;         /* for NEW_STATE: the backend chosen */
+    struct pylb_flow_key key;
+};
+
+enum pylb_verdict_action {
+    PYLB_VERDICT_FORWARD = 1,   /* encapsulate to backend (and cache if cache=1) */
+    PYLB_VERDICT_DROP = 2,
+    PYLB_VERDICT_TO_PEER = 3    /* send the original packet to a peer address (issue 3) */
+};
+
+struct pylb_verdict {
+    uint32_t slot;
+    uint8_t action;           /* enum pylb_verdict_action */
+    uint8_t cache;            /* FORWARD: also insert into the flow cache */
+    uint16_t pad;
+    uint32_t backend;         /* FORWARD: backend id */
+    struct pylb_ip peer;      /* TO_PEER: the peer's data address */
+};
+
+struct pylb_worker_conf {
+    struct pylb_port *port;
+    uint16_t rx_queue;
+    uint16_t tx_queue;
+    struct pylb_flow_cache *cache;   /* may be shared by several workers */
+    struct pylb_neigh *neigh;        /* next hops; may be shared */
+    struct pylb_ip gateway_v4;       /* next hop toward backends (zero = on-link) */
+    struct pylb_ip gateway_v6;
+    uint32_t tx_drain_us;            /* flush the TX buffer at least this often */
+    uint32_t idle_sleep_max_us;      /* back-off ceiling when no packet arrives */
+    uint32_t max_held;               /* held-packet slots for Python */
+    const char *tap_name;            /* exception TAP device name or NULL */
+};
+
+/*
+ * Counters of one worker. Every received frame is counted exactly once in
+ * one outcome, so these equations hold whenever no call is running:
+ *
+ *   rx == fwd_cache_hit + fwd_new + fwd_table + fwd_fragment + held
+ *         + arp_replied + nd_replied + neigh_learned + exception_tap + drop_total
+ *   held == verdict_forward + verdict_drop + verdict_peer + held_now
+ *   drop_total == drop_parse_truncated + drop_parse_bad + drop_not_ip
+ *                 + drop_no_vip + drop_no_backend + drop_no_neighbor
+ *                 + drop_too_big + drop_encap + drop_icmp + drop_arp_other
+ *                 + drop_exception
+ *   tx_ok + tx_dropped == forwarded frames + replies + peer frames handed to TX
+ *
+ * where forwarded = fwd_cache_hit + fwd_new + fwd_table + fwd_fragment
+ *                   + verdict_forward, replies = arp_replied + nd_replied
+ *                   + neigh_requests, peer frames = verdict_peer.
+ * Notices (PYLB_PUNT_NEW_STATE) are counted in notices, not in rx outcomes.
+ */
+struct pylb_stats {
+    uint64_t rx;
+    uint64_t rx_bytes;
+    uint64_t fwd_cache_hit;
+    uint64_t fwd_new;
+    uint64_t fwd_table;
+    uint64_t fwd_fragment;
+    uint64_t held;
+    uint64_t held_now;
+    uint64_t verdict_forward;
+    uint64_t verdict_drop;
+    uint64_t verdict_peer;
+    uint64_t notices;
+    uint64_t notices_lost;
+    uint64_t arp_replied;
+    uint64_t nd_replied;
+    uint64_t neigh_learned;
+    uint64_t neigh_requests;
+    uint64_t exception_tap;
+    uint64_t drop_total;
+    uint64_t drop_parse_truncated;
+    uint64_t drop_parse_bad;
+    uint64_t drop_not_ip;
+    uint64_t drop_no_vip;
+    uint64_t drop_no_backend;
+    uint64_t drop_no_neighbor;
+    uint64_t drop_too_big;
+    uint64_t drop_encap;
+    uint64_t drop_icmp;
+    uint64_t drop_arp_other;
+    uint64_t drop_exception;
+    uint64_t cache_insert;
+    uint64_t cache_full;
+    uint64_t tx_ok;
+    uint64_t tx_dropped;
+    uint64_t polls;
+    uint64_t idle_sleeps;
+};
+
+/* Per-VIP, per-backend counters: packets forwarded to each backend id. */
+struct pylb_worker;
+int pylb_worker_create(const struct pylb_worker_conf *conf, struct pylb_worker **out);
+/* Drops every held packet, flushes TX and frees the worker. */
+void pylb_worker_destroy(struct pylb_worker *w);
+/* Swaps in a compiled configuration; *old receives the one it replaced (the
+ * caller frees it: the worker no longer uses it once this returns). */
+int pylb_worker_set_dataplane(struct pylb_worker *w, struct pylb_dataplane *dp,
+                              struct pylb_dataplane **old);
+/*
+ * Runs the burst loop until max_bursts bursts were received, or no frame came
+ * for max_idle_us, or the punt array may not hold another burst. Idle periods
+ * back off (sleeping up to idle_sleep_max_us at a time) so that several
+ * balancers can share cores. Writes *n_punts punts.
+ */
+int pylb_worker_poll(struct pylb_worker *w, uint32_t max_bursts, uint32_t max_idle_us,
+                     struct pylb_punt *punts, uint32_t max_punts, uint32_t *n_punts);
+/* Applies Python's decisions to held packets. */
+int pylb_worker_apply(struct pylb_worker *w, const struct pylb_verdict *v, uint32_t n);
+/* Flushes the TX buffer now. */
+int pylb_worker_flush(struct pylb_worker *w);
+int pylb_worker_stats(const struct pylb_worker *w, struct pylb_stats *out);
+/* Packets and bytes forwarded per backend id (arrays of n entries, n >= the
+ * dataplane's n_backends; extra entries are zeroed). */
+int pylb_worker_backend_counts(const struct pylb_worker *w, uint64_t *packets,
+                               uint64_t *bytes, uint32_t n);
+/* Ages the flow cache: call now and then from the control loop. */
+int pylb_worker_age_cache(struct pylb_worker *w, uint64_t max_sets, uint64_t *freed);
+
+/* cffi:end */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PYLB_H */

@@ -1,0 +1,47 @@
+"""Builds pylb._native, the cffi module over native/pylb.h.
+
+The cdef is the part of the public header between the cffi markers, so the
+header stays the one description of the C interface.
+"""
+from __future__ import annotations
+
+import pathlib
+import re
+import sys
+
+import cffi
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+HEADER = ROOT / "native" / "pylb.h"
+
+
+def cdef_source() -> str:
+    text = HEADER.read_text()
+    match = re.search(r"/\* cffi:begin \*/(.*)/\* cffi:end \*/", text, re.S)
+    if not match:
+        raise SystemExit(f"{HEADER}: cffi markers not found")
+    return match.group(1)
+
+
+def make_ffi(build_dir: pathlib.Path) -> cffi.FFI:
+    ffi = cffi.FFI()
+    ffi.cdef(cdef_source())
+    ffi.set_source(
+        "pylb._native",
+        '#include "pylb.h"',
+        include_dirs=[str(ROOT / "native")],
+        libraries=["pylb_native"],
+        library_dirs=[str(build_dir)],
+        runtime_library_dirs=[str(build_dir)],
+    )
+    return ffi
+
+
+def main() -> None:
+    build_dir = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "build").resolve()
+    ffi = make_ffi(build_dir)
+    ffi.compile(tmpdir=str(build_dir / "cffi"), target=str(ROOT / "pylb" / "_native.*"), verbose=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Private access to the cffi module. Nothing outside pylb imports this.
+
+`check` turns a pylb_status into a typed exception carrying the shim's message.
+"""
+from __future__ import annotations
+
+import ipaddress
+
+from pylb.errors import PylbError, error_for
+
+try:
+    from pylb._native import ffi, lib
+except ImportError as exc:  # pragma: no cover - explained to the user instead
+    raise PylbError(
+        "pylb's native module is not built: run ./scripts/setup.sh "
+        f"({exc})"
+    ) from exc
+
+
+def check(status: int, what: str) -> int:
+    """Returns status when it is not an error, else raises the matching NativeError."""
+    if status < 0:
+        message = ffi.string(lib.pylb_last_error()).decode(errors="replace")
+        raise error_for(status, f"{what}: {message}" if message else what)
+    return status
+
+
+def ip_to_c(address: str | ipaddress.IPv4Address | ipaddress.IPv6Address, out) -> None:
+    """Writes an address into a struct pylb_ip (IPv4 as ::ffff:a.b.c.d)."""
+    ip = ipaddress.ip_address(address)
+    if ip.version == 4:
+        packed = b"\x00" * 10 + b"\xff\xff" + ip.packed
+    else:
+        packed = ip.packed
+    ffi.memmove(out.b, packed, 16)
+
+
+def ip_from_c(cip) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """Reads a struct pylb_ip back into an address object."""
+    raw = bytes(ffi.buffer(cip.b, 16))
+    if raw[:12] == b"\x00" * 10 + b"\xff\xff":
+        return ipaddress.IPv4Address(raw[12:])
+    return ipaddress.IPv6Address(raw)
+
+
+def ip_bytes16(address) -> bytes:
+    """The 16-byte form of an address used in flow keys."""
+    ip = ipaddress.ip_address(address)
+    return (b"\x00" * 10 + b"\xff\xff" + ip.packed) if ip.version == 4 else ip.packed
