@@ -38,9 +38,12 @@ def make_ffi(build_dir: pathlib.Path) -> cffi.FFI:
 
 
 def main() -> None:
+    """Usage: _build_ffi.py BUILD_DIR [MODULE_DIR]. The module goes into pylb/ unless
+    MODULE_DIR is given (a private build that PYLB_BUILD_DIR points the loader at)."""
     build_dir = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "build").resolve()
+    module_dir = pathlib.Path(sys.argv[2]).resolve() if len(sys.argv) > 2 else ROOT / "pylb"
     ffi = make_ffi(build_dir)
-    ffi.compile(tmpdir=str(build_dir / "cffi"), target=str(ROOT / "pylb" / "_native.*"), verbose=False)
+    ffi.compile(tmpdir=str(build_dir / "cffi"), target=str(module_dir / "_native.so"), verbose=False)
 
 
 if __name__ == "__main__":

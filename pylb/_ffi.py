@@ -4,12 +4,34 @@
 """
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
+import os
+import pathlib
+import sys
 
 from pylb.errors import PylbError, error_for
 
+def _load_native():
+    """pylb/_native.so, or the one in $PYLB_BUILD_DIR (a private build, see
+    scripts/build-native.sh)."""
+    private = os.environ.get("PYLB_BUILD_DIR")
+    if not private:
+        from pylb import _native
+        return _native
+    path = pathlib.Path(private) / "_native.so"
+    spec = importlib.util.spec_from_file_location("pylb._native", path)
+    if spec is None or not path.exists():
+        raise ImportError(f"no {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["pylb._native"] = module
+    return module
+
+
 try:
-    from pylb._native import ffi, lib
+    _native = _load_native()
+    ffi, lib = _native.ffi, _native.lib
 except ImportError as exc:  # pragma: no cover - explained to the user instead
     raise PylbError(
         "pylb's native module is not built: run ./scripts/setup.sh "
