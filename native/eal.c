@@ -8,3 +8,5 @@ PYLB_API int pylb_eal_cleanup(void)
 
 PYLB_API int pylb_eal_hugepages(void)
 { return pylb_fail(PYLB_EINVAL, "pylb_eal_hugepages: not implemented"); }
+
+int pylb_eal_running(void) { return 0; }

@@ -38,6 +38,9 @@ static inline void pylb_ip_from_v4(struct pylb_ip *ip, const uint8_t v4[4])
     memcpy(ip->b + 12, v4, 4);
 }
 
+/* 1 once pylb_eal_init succeeded (rte_malloc and mempools usable). */
+int pylb_eal_running(void);
+
 /* Monotonic milliseconds, the clock of the flow cache. */
 uint32_t pylb_now_ms(void);
 
