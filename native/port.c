@@ -1,24 +1,260 @@
-/* port.c */
+/* port.c - ports from a vdev string, a PCI address or "ring:NAME", with their
+ * mempool and queues. */
+#include <stdio.h>
+#include <rte_bus_vdev.h>
+#include <rte_dev.h>
+#include <rte_errno.h>
+#include <rte_ethdev.h>
+#include <rte_eth_ring.h>
+#include <rte_lcore.h>
+#include <rte_malloc.h>
+#include <rte_mbuf.h>
+#include <rte_ring.h>
 #include "internal.h"
-PYLB_API int pylb_port_open(const struct pylb_port_conf *conf, struct pylb_port **out)
-{ return pylb_fail(PYLB_EINVAL, "pylb_port_open: not implemented"); }
+#include "port_internal.h"
+
+static int port_seq;
+
+static int looks_like_pci(const char *dev)
+{
+    unsigned a, b, c, d;
+    return sscanf(dev, "%x:%x:%x.%x", &a, &b, &c, &d) == 4 || sscanf(dev, "%x:%x.%x", &b, &c, &d) == 3;
+}
+
+/* The ethdev name of a vdev string is everything before the first comma. */
+static void vdev_name(const char *dev, char *name, size_t size)
+{
+    size_t n = strcspn(dev, ",");
+    if (n >= size)
+        n = size - 1;
+    memcpy(name, dev, n);
+    name[n] = '\0';
+}
+
+static int open_ring_port(struct pylb_port *p, const char *name)
+{
+    char rname[RTE_RING_NAMESIZE];
+    snprintf(rname, sizeof(rname), "%s_rx", name);
+    p->rx_ring = rte_ring_create(rname, 8192, rte_socket_id(), RING_F_SP_ENQ | RING_F_SC_DEQ);
+    snprintf(rname, sizeof(rname), "%s_tx", name);
+    p->tx_ring = rte_ring_create(rname, 8192, rte_socket_id(), RING_F_SP_ENQ | RING_F_SC_DEQ);
+    if (p->rx_ring == NULL || p->tx_ring == NULL)
+        return pylb_fail(PYLB_ENOMEM, "ring port %s: rings: %s", name, rte_strerror(rte_errno));
+    int id = rte_eth_from_rings(name, &p->rx_ring, 1, &p->tx_ring, 1, rte_socket_id());
+    if (id < 0)
+        return pylb_fail(PYLB_EDPDK, "ring port %s: %s", name, rte_strerror(rte_errno));
+    p->port_id = (uint16_t)id;
+    return PYLB_OK;
+}
+
+static int find_port(struct pylb_port *p, const char *dev)
+{
+    char name[RTE_ETH_NAME_MAX_LEN];
+    uint16_t id;
+    if (strncmp(dev, "ring:", 5) == 0) {
+        p->is_ring = 1;
+        snprintf(p->name, sizeof(p->name), "%s", dev + 5);
+        return open_ring_port(p, p->name);
+    }
+    if (looks_like_pci(dev)) {
+        vdev_name(dev, name, sizeof(name));
+        if (rte_eth_dev_get_port_by_name(name, &id) != 0 && rte_dev_probe(dev) != 0)
+            return pylb_fail(PYLB_EDPDK, "PCI device %s: not found or not bound to a DPDK driver "
+                             "(see docs/deployment.md)", name);
+    } else {
+        vdev_name(dev, name, sizeof(name));
+        if (rte_dev_probe(dev) != 0)
+            return pylb_fail(PYLB_EDPDK, "device %s: probe failed: %s", dev, rte_strerror(rte_errno));
+        p->is_vdev = 1;
+    }
+    snprintf(p->name, sizeof(p->name), "%s", name);
+    if (rte_eth_dev_get_port_by_name(name, &id) != 0)
+        return pylb_fail(PYLB_EDPDK, "device %s: no ethdev port after probe", name);
+    p->port_id = id;
+    return PYLB_OK;
+}
+
+static int start_port(struct pylb_port *p, const struct pylb_port_conf *c)
+{
+    struct rte_eth_conf conf;
+    struct rte_eth_dev_info info;
+    memset(&conf, 0, sizeof(conf));
+    int rc = rte_eth_dev_info_get(p->port_id, &info);
+    if (rc != 0)
+        return pylb_fail(PYLB_EDPDK, "%s: device info: %s", p->name, rte_strerror(-rc));
+    if (c->rx_queues > info.max_rx_queues || c->tx_queues > info.max_tx_queues)
+        return pylb_fail(PYLB_EINVAL, "%s: %u rx / %u tx queues asked, device has %u / %u",
+                         p->name, c->rx_queues, c->tx_queues, info.max_rx_queues, info.max_tx_queues);
+    if (c->rx_queues > 1)
+        conf.rxmode.mq_mode = RTE_ETH_MQ_RX_RSS;
+    conf.rx_adv_conf.rss_conf.rss_hf = info.flow_type_rss_offloads &
+        (RTE_ETH_RSS_IP | RTE_ETH_RSS_TCP | RTE_ETH_RSS_UDP);
+    rc = rte_eth_dev_configure(p->port_id, c->rx_queues, c->tx_queues, &conf);
+    if (rc != 0)
+        return pylb_fail(PYLB_EDPDK, "%s: configure: %s", p->name, rte_strerror(-rc));
+    if (c->mtu && (rc = rte_eth_dev_set_mtu(p->port_id, c->mtu)) != 0)
+        return pylb_fail(PYLB_EDPDK, "%s: MTU %u: %s", p->name, c->mtu, rte_strerror(-rc));
+    uint16_t rxd = c->rx_desc ? c->rx_desc : 1024, txd = c->tx_desc ? c->tx_desc : 1024;
+    rte_eth_dev_adjust_nb_rx_tx_desc(p->port_id, &rxd, &txd);
+    int socket = rte_eth_dev_socket_id(p->port_id);
+    for (uint16_t q = 0; q < c->rx_queues; q++)
+        if ((rc = rte_eth_rx_queue_setup(p->port_id, q, rxd, socket, NULL, p->pool)) != 0)
+            return pylb_fail(PYLB_EDPDK, "%s: rx queue %u: %s", p->name, q, rte_strerror(-rc));
+    for (uint16_t q = 0; q < c->tx_queues; q++)
+        if ((rc = rte_eth_tx_queue_setup(p->port_id, q, txd, socket, NULL)) != 0)
+            return pylb_fail(PYLB_EDPDK, "%s: tx queue %u: %s", p->name, q, rte_strerror(-rc));
+    if ((rc = rte_eth_dev_start(p->port_id)) != 0)
+        return pylb_fail(PYLB_EDPDK, "%s: start: %s", p->name, rte_strerror(-rc));
+    p->started = 1;
+    if (c->promiscuous)
+        rte_eth_promiscuous_enable(p->port_id);
+    return PYLB_OK;
+}
+
+PYLB_API int pylb_port_open(const struct pylb_port_conf *c, struct pylb_port **out)
+{
+    if (!pylb_eal_running())
+        return pylb_fail(PYLB_ESTATE, "start the EAL before opening ports");
+    if (c == NULL || c->device == NULL || out == NULL || c->rx_queues == 0 || c->tx_queues == 0)
+        return pylb_fail(PYLB_EINVAL, "port: device and at least one rx and tx queue are required");
+    struct pylb_port *p = calloc(1, sizeof(*p));
+    if (p == NULL)
+        return pylb_fail(PYLB_ENOMEM, "port: out of memory");
+    p->port_id = UINT16_MAX;
+    int rc = find_port(p, c->device);
+    if (rc == PYLB_OK) {
+        char pname[RTE_MEMPOOL_NAMESIZE];
+        snprintf(pname, sizeof(pname), "pylb_mb%d", __atomic_fetch_add(&port_seq, 1, __ATOMIC_RELAXED));
+        uint32_t n = c->mbufs ? c->mbufs : 8191;
+        p->pool = rte_pktmbuf_pool_create(pname, n, 256, 0, RTE_MBUF_DEFAULT_BUF_SIZE,
+                                          rte_eth_dev_socket_id(p->port_id) < 0 ? 0 :
+                                          rte_eth_dev_socket_id(p->port_id));
+        rc = p->pool ? start_port(p, c)
+                     : pylb_fail(PYLB_ENOMEM, "%s: mempool of %u mbufs: %s", p->name, n,
+                                 rte_strerror(rte_errno));
+    }
+    if (rc != PYLB_OK) {
+        char msg[256];
+        snprintf(msg, sizeof(msg), "%s", pylb_last_error());
+        pylb_port_close(p);
+        return pylb_fail(rc, "%s", msg);
+    }
+    *out = p;
+    return PYLB_OK;
+}
 
 PYLB_API void pylb_port_close(struct pylb_port *p)
-{}
+{
+    if (p == NULL)
+        return;
+    if (p->port_id != UINT16_MAX) {
+        struct rte_eth_dev_info info;
+        struct rte_device *dev = NULL;
+        if (rte_eth_dev_is_valid_port(p->port_id) && rte_eth_dev_info_get(p->port_id, &info) == 0)
+            dev = info.device;
+        if (p->started)
+            rte_eth_dev_stop(p->port_id);
+        if (dev != NULL) {
+            rte_eth_dev_close(p->port_id);
+            if (p->is_vdev || p->is_ring)
+                rte_dev_remove(dev);
+        }
+    }
+    if (p->rx_ring) {
+        free_ring_mbufs(p->rx_ring);
+        rte_ring_free(p->rx_ring);
+    }
+    if (p->tx_ring) {
+        free_ring_mbufs(p->tx_ring);
+        rte_ring_free(p->tx_ring);
+    }
+    rte_mempool_free(p->pool);
+    free(p);
+}
 
 PYLB_API int pylb_port_mac(const struct pylb_port *p, uint8_t mac[6])
-{ return pylb_fail(PYLB_EINVAL, "pylb_port_mac: not implemented"); }
+{
+    struct rte_ether_addr a;
+    int rc = rte_eth_macaddr_get(p->port_id, &a);
+    if (rc != 0)
+        return pylb_fail(PYLB_EDPDK, "%s: MAC address: %s", p->name, rte_strerror(-rc));
+    memcpy(mac, a.addr_bytes, 6);
+    return PYLB_OK;
+}
 
 PYLB_API uint16_t pylb_port_id(const struct pylb_port *p)
-{ return 0; }
+{
+    return p->port_id;
+}
 
 PYLB_API int pylb_port_stats(const struct pylb_port *p, struct pylb_port_stats *out)
-{ return pylb_fail(PYLB_EINVAL, "pylb_port_stats: not implemented"); }
+{
+    struct rte_eth_stats s;
+    int rc = rte_eth_stats_get(p->port_id, &s);
+    if (rc != 0)
+        return pylb_fail(PYLB_EDPDK, "%s: stats: %s", p->name, rte_strerror(-rc));
+    out->ipackets = s.ipackets;
+    out->opackets = s.opackets;
+    out->ibytes = s.ibytes;
+    out->obytes = s.obytes;
+    out->imissed = s.imissed;
+    out->ierrors = s.ierrors;
+    out->oerrors = s.oerrors;
+    out->rx_nombuf = s.rx_nombuf;
+    return PYLB_OK;
+}
 
-PYLB_API int pylb_port_send(struct pylb_port *p, uint16_t queue, const uint8_t *const *frames,
-                   const uint32_t *lens, uint32_t n, uint32_t *sent)
-{ return pylb_fail(PYLB_EINVAL, "pylb_port_send: not implemented"); }
+PYLB_API int pylb_port_inject(struct pylb_port *p, const uint8_t *const *frames, const uint32_t *lens,
+                              uint32_t n, uint32_t *injected)
+{
+    if (!p->is_ring)
+        return pylb_fail(PYLB_EINVAL, "%s: inject works on ring: ports only", p->name);
+    uint32_t done = 0;
+    while (done < n) {
+        struct rte_mbuf *m[PYLB_BURST];
+        uint32_t k = RTE_MIN(n - done, (uint32_t)PYLB_BURST);
+        if (rte_pktmbuf_alloc_bulk(p->pool, m, k) != 0)
+            break;
+        for (uint32_t i = 0; i < k; i++) {
+            uint32_t len = lens[done + i];
+            char *d = rte_pktmbuf_append(m[i], (uint16_t)RTE_MIN(len, rte_pktmbuf_tailroom(m[i])));
+            memcpy(d, frames[done + i], rte_pktmbuf_data_len(m[i]));
+        }
+        uint32_t q = rte_ring_enqueue_burst(p->rx_ring, (void **)m, k, NULL);
+        if (q < k)
+            rte_pktmbuf_free_bulk(m + q, k - q);
+        done += q;
+        if (q < k)
+            break;
+    }
+    *injected = done;
+    return PYLB_OK;
+}
 
-PYLB_API int pylb_port_recv(struct pylb_port *p, uint16_t queue, uint8_t *buf, uint32_t stride,
-                   uint32_t *lens, uint32_t max, uint32_t *n, uint32_t *cut)
-{ return pylb_fail(PYLB_EINVAL, "pylb_port_recv: not implemented"); }
+PYLB_API int pylb_port_drain(struct pylb_port *p, uint8_t *buf, uint32_t stride, uint32_t *lens,
+                             uint32_t max, uint32_t *n, uint32_t *cut)
+{
+    if (!p->is_ring)
+        return pylb_fail(PYLB_EINVAL, "%s: drain works on ring: ports only", p->name);
+    uint32_t got = 0, short_copies = 0;
+    while (got < max) {
+        struct rte_mbuf *m[PYLB_BURST];
+        uint32_t k = rte_ring_dequeue_burst(p->tx_ring, (void **)m, RTE_MIN(max - got, (uint32_t)PYLB_BURST), NULL);
+        if (k == 0)
+            break;
+        for (uint32_t i = 0; i < k; i++, got++) {
+            uint32_t len = rte_pktmbuf_pkt_len(m[i]);
+            uint32_t take = RTE_MIN(len, stride);
+            const void *src = rte_pktmbuf_read(m[i], 0, take, buf + (size_t)got * stride);
+            if (src != buf + (size_t)got * stride)
+                memcpy(buf + (size_t)got * stride, src, take);
+            lens[got] = take;
+            short_copies += take < len;
+        }
+        rte_pktmbuf_free_bulk(m, k);
+    }
+    *n = got;
+    if (cut)
+        *cut = short_copies;
+    return PYLB_OK;
+}

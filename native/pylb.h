@@ -260,6 +260,8 @@ struct pylb_dp_conf {
     uint8_t has_v6;
     uint8_t exception_policy;     /* enum pylb_exception_policy */
     uint8_t pad;
+    struct pylb_ip gateway_v4;    /* next hop toward backends; zero = on-link */
+    struct pylb_ip gateway_v6;
     uint16_t mtu;                 /* of the port toward backends */
     uint16_t peer_port;           /* UDP port of peer messages (0 = none) */
     uint32_t n_backends;
@@ -313,13 +315,14 @@ struct pylb_port_stats {
 };
 int pylb_port_stats(const struct pylb_port *p, struct pylb_port_stats *out);
 
-/* Sends frames out of a port's queue (tests and the traffic generator). */
-int pylb_port_send(struct pylb_port *p, uint16_t queue, const uint8_t *const *frames,
-                   const uint32_t *lens, uint32_t n, uint32_t *sent);
-/* Receives up to max frames into buf (each at buf + i*stride, length in
- * lens[i]). Frames longer than stride are cut and counted in *cut. */
-int pylb_port_recv(struct pylb_port *p, uint16_t queue, uint8_t *buf, uint32_t stride,
-                   uint32_t *lens, uint32_t max, uint32_t *n, uint32_t *cut);
+/* Test ports: a device "ring:NAME" is a port over two rte_rings. inject puts
+ * frames on its RX ring (as if they arrived from the wire); drain takes what
+ * the port transmitted from its TX ring. Frames longer than stride are cut
+ * and counted in *cut. PYLB_EINVAL on other ports. */
+int pylb_port_inject(struct pylb_port *p, const uint8_t *const *frames, const uint32_t *lens,
+                     uint32_t n, uint32_t *injected);
+int pylb_port_drain(struct pylb_port *p, uint8_t *buf, uint32_t stride, uint32_t *lens,
+                    uint32_t max, uint32_t *n, uint32_t *cut);
 
 /* ------------------------------------------------------------------ worker */
 
@@ -366,52 +369,55 @@ struct pylb_worker_conf {
     uint16_t rx_queue;
     uint16_t tx_queue;
     struct pylb_flow_cache *cache;   /* may be shared by several workers */
-    struct pylb_neigh *neigh;        /* next hops; may be shared */
-    struct pylb_ip gateway_v4;       /* next hop toward backends (zero = on-link) */
-    struct pylb_ip gateway_v6;
+    struct pylb_neigh *neigh;        /* next hops of this worker's process */
+    struct pylb_port *exception_port;/* a net_tap port for the kernel, or NULL = drop */
     uint32_t tx_drain_us;            /* flush the TX buffer at least this often */
     uint32_t idle_sleep_max_us;      /* back-off ceiling when no packet arrives */
     uint32_t max_held;               /* held-packet slots for Python */
-    const char *tap_name;            /* exception TAP device name or NULL */
 };
 
 /*
- * Counters of one worker. Every received frame is counted exactly once in
- * one outcome, so these equations hold whenever no call is running:
+ * Counters of one worker. Every received frame ends in exactly one outcome
+ * (or is still held for Python), so whenever no call is running:
  *
- *   rx == fwd_cache_hit + fwd_new + fwd_table + fwd_fragment + held
- *         + arp_replied + nd_replied + neigh_learned + exception_tap + drop_total
+ *   rx == fwd_cache_hit + fwd_new + fwd_table + fwd_fragment + fwd_verdict
+ *         + verdict_peer + arp_replied + nd_replied + neigh_learned
+ *         + exception_tap + drop_total + held_now
  *   held == verdict_forward + verdict_drop + verdict_peer + held_now
+ *   verdict_forward == fwd_verdict + (verdict forwards dropped by a drop_* reason)
  *   drop_total == drop_parse_truncated + drop_parse_bad + drop_not_ip
  *                 + drop_no_vip + drop_no_backend + drop_no_neighbor
  *                 + drop_too_big + drop_encap + drop_icmp + drop_arp_other
- *                 + drop_exception
- *   tx_ok + tx_dropped == forwarded frames + replies + peer frames handed to TX
+ *                 + drop_exception + drop_verdict
+ *   drop_verdict == verdict_drop
+ *   tx_ok + tx_dropped == fwd_cache_hit + fwd_new + fwd_table + fwd_fragment
+ *         + fwd_verdict + verdict_peer + arp_replied + nd_replied
+ *         + neigh_requests + tap_to_wire      (after a flush)
  *
- * where forwarded = fwd_cache_hit + fwd_new + fwd_table + fwd_fragment
- *                   + verdict_forward, replies = arp_replied + nd_replied
- *                   + neigh_requests, peer frames = verdict_peer.
- * Notices (PYLB_PUNT_NEW_STATE) are counted in notices, not in rx outcomes.
+ * Notices (PYLB_PUNT_NEW_STATE) are not rx outcomes: notices + notices_lost
+ * counts new flows in moved buckets.
  */
 struct pylb_stats {
     uint64_t rx;
     uint64_t rx_bytes;
-    uint64_t fwd_cache_hit;
-    uint64_t fwd_new;
-    uint64_t fwd_table;
-    uint64_t fwd_fragment;
-    uint64_t held;
+    uint64_t fwd_cache_hit;     /* flow found in the flow cache */
+    uint64_t fwd_new;           /* TCP SYN or UDP, by the current table */
+    uint64_t fwd_table;         /* existing flow, stable bucket, by the table */
+    uint64_t fwd_fragment;      /* IP fragment, by the 3-tuple */
+    uint64_t fwd_verdict;       /* held, then forwarded by Python's verdict */
+    uint64_t held;              /* handed to Python and held */
     uint64_t held_now;
     uint64_t verdict_forward;
     uint64_t verdict_drop;
     uint64_t verdict_peer;
     uint64_t notices;
-    uint64_t notices_lost;
+    uint64_t notices_lost;      /* no room in the punt array: state not pushed */
     uint64_t arp_replied;
     uint64_t nd_replied;
-    uint64_t neigh_learned;
-    uint64_t neigh_requests;
-    uint64_t exception_tap;
+    uint64_t neigh_learned;     /* ARP replies / NAs that taught a MAC */
+    uint64_t neigh_requests;    /* ARP requests / NSs sent */
+    uint64_t exception_tap;     /* wire to kernel through the TAP */
+    uint64_t tap_to_wire;       /* kernel to wire through the TAP */
     uint64_t drop_total;
     uint64_t drop_parse_truncated;
     uint64_t drop_parse_bad;
@@ -424,8 +430,9 @@ struct pylb_stats {
     uint64_t drop_icmp;
     uint64_t drop_arp_other;
     uint64_t drop_exception;
+    uint64_t drop_verdict;
     uint64_t cache_insert;
-    uint64_t cache_full;
+    uint64_t cache_full;        /* set full: forwarded by the table, not cached */
     uint64_t tx_ok;
     uint64_t tx_dropped;
     uint64_t polls;
@@ -458,6 +465,8 @@ int pylb_worker_stats(const struct pylb_worker *w, struct pylb_stats *out);
  * dataplane's n_backends; extra entries are zeroed). */
 int pylb_worker_backend_counts(const struct pylb_worker *w, uint64_t *packets,
                                uint64_t *bytes, uint32_t n);
+/* Sends an ARP request / neighbour solicitation for ip now. */
+int pylb_worker_solicit(struct pylb_worker *w, const struct pylb_ip *ip);
 /* Ages the flow cache: call now and then from the control loop. */
 int pylb_worker_age_cache(struct pylb_worker *w, uint64_t max_sets, uint64_t *freed);
 

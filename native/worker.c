@@ -1,31 +1,467 @@
-/* worker.c */
-#include "internal.h"
-PYLB_API int pylb_worker_create(const struct pylb_worker_conf *conf, struct pylb_worker **out)
-{ return pylb_fail(PYLB_EINVAL, "pylb_worker_create: not implemented"); }
+/* worker.c - the burst loop. Per packet: parse, find the VIP, look the flow
+ * up in the cache, else decide by the destination table, encapsulate and
+ * buffer for TX. Packets that need a decision beyond that are held and handed
+ * to Python in batches (struct pylb_punt); nothing is dropped meanwhile. */
+#include <stdlib.h>
+#include <time.h>
+#include <rte_cycles.h>
+#include <rte_malloc.h>
+#include "worker.h"
 
-PYLB_API void pylb_worker_destroy(struct pylb_worker *w)
-{}
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
+#define EMPTY_POLLS_BEFORE_SLEEP 64
 
-PYLB_API int pylb_worker_set_dataplane(struct pylb_worker *w, struct pylb_dataplane *dp,
-                              struct pylb_dataplane **old)
-{ return pylb_fail(PYLB_EINVAL, "pylb_worker_set_dataplane: not implemented"); }
+static void count_drop(struct pylb_worker *w, uint64_t *reason, struct rte_mbuf *m)
+{
+    (*reason)++;
+    w->st.drop_total++;
+    rte_pktmbuf_free(m);
+}
+
+/* Frames for neither a VIP nor the balancer: to the kernel's TAP, or dropped. */
+static void to_exception(struct pylb_worker *w, struct rte_mbuf *m, uint64_t *drop_reason)
+{
+    if (w->exc_port != NULL && rte_eth_tx_burst(w->exc_port->port_id, 0, &m, 1) == 1) {
+        w->st.exception_tap++;
+        return;
+    }
+    count_drop(w, w->exc_port ? &w->st.drop_exception : drop_reason, m);
+}
+
+static uint8_t timeout_class(uint8_t proto, uint8_t tcp_flags)
+{
+    if (proto == 6)
+        return (tcp_flags & (TCP_FIN | TCP_RST)) ? PYLB_TO_TCP_CLOSING : PYLB_TO_TCP;
+    return proto == 17 ? PYLB_TO_UDP : PYLB_TO_OTHER;
+}
+
+/* Encapsulates the inner IP packet of m toward backend id and buffers it.
+ * Returns 1 when sent, 0 when dropped (counted). */
+static int forward(struct pylb_worker *w, struct rte_mbuf *m, uint32_t id, uint16_t l2_len,
+                   uint16_t l3_total, uint8_t l3, uint64_t flow_id)
+{
+    const struct pylb_dataplane *dp = w->dp;
+    if (PYLB_UNLIKELY(id >= dp->n_backends)) {
+        count_drop(w, &w->st.drop_no_backend, m);
+        return 0;
+    }
+    const struct dp_backend *b = &dp->backends[id];
+    struct pylb_encap_params params = b->encap;
+    if (PYLB_UNLIKELY(!pylb_neigh_lookup(w->neigh, &b->next_hop, params.dst_mac))) {
+        neigh_solicit(w, &b->next_hop, 0);
+        count_drop(w, &w->st.drop_no_neighbor, m);
+        return 0;
+    }
+    memcpy(params.src_mac, w->mac, 6);
+    uint32_t off = m->data_off + l2_len;
+    int rc = pylb_encap_write(&params, (uint8_t *)m->buf_addr, off, l3_total, l3, flow_id);
+    if (PYLB_UNLIKELY(rc < 0)) {
+        count_drop(w, rc == PYLB_ETOOBIG ? &w->st.drop_too_big : &w->st.drop_encap, m);
+        return 0;
+    }
+    m->data_off = (uint16_t)(off - (uint32_t)rc);
+    m->data_len = (uint16_t)(l3_total + (uint32_t)rc);
+    m->pkt_len = m->data_len;
+    w->be_packets[id]++;
+    w->be_bytes[id] += l3_total;
+    worker_tx(w, m);
+    return 1;
+}
+
+static int hold(struct pylb_worker *w, struct rte_mbuf *m, const struct pylb_parsed *pp,
+                uint64_t flow_id, struct pylb_punt *punt)
+{
+    uint32_t slot = w->free_slots[--w->n_free];
+    struct held_pkt *h = &w->held[slot];
+    h->m = m;
+    h->key = pp->key;
+    h->flow_id = flow_id;
+    h->l2_len = pp->l2_len;
+    h->l3_total = pp->l3_total;
+    h->l3 = pp->l3;
+    h->tcp_flags = pp->tcp_flags;
+    h->proto = pp->l4_proto;
+    punt->slot = slot;
+    punt->tcp_flags = pp->tcp_flags;
+    punt->flow_id = flow_id;
+    punt->key = pp->key;
+    w->st.held++;
+    w->st.held_now++;
+    return 1;
+}
+
+/* A packet to a VIP. Returns the number of punts written (0 or 1). */
+static int handle_vip(struct pylb_worker *w, struct rte_mbuf *m, const struct pylb_parsed *pp,
+                      int32_t vi, uint32_t now, struct pylb_punt *punt, int room)
+{
+    const struct pylb_dataplane *dp = w->dp;
+    const struct dp_vip *v = &dp->vips[vi];
+    uint8_t l3 = pp->l3;
+    if (PYLB_UNLIKELY(pp->flags & PYLB_PF_FRAGMENT)) {
+        /* Fragments carry no ports after the first: all of a datagram's
+         * fragments go by the 3-tuple so they reach one backend. */
+        struct pylb_flow_key k3 = pp->key;
+        k3.sport = k3.dport = 0;
+        uint64_t id3 = pylb_flow_id(&k3, dp->flow_seed);
+        uint32_t be = v->current[pylb_bucket(id3, v->table_size)];
+        if (be == PYLB_NO_BACKEND) {
+            count_drop(w, &w->st.drop_no_backend, m);
+            return 0;
+        }
+        if (forward(w, m, be, pp->l2_len, pp->l3_total, l3, id3))
+            w->st.fwd_fragment++;
+        return 0;
+    }
+    uint64_t flow_id = pylb_flow_id(&pp->key, dp->flow_seed);
+    uint32_t be;
+    if (pylb_flow_cache_lookup(w->cache, &pp->key, flow_id, now, pp->tcp_flags, &be)) {
+        if (forward(w, m, be, pp->l2_len, pp->l3_total, l3, flow_id))
+            w->st.fwd_cache_hit++;
+        return 0;
+    }
+    uint32_t bucket = pylb_bucket(flow_id, v->table_size);
+    uint32_t cur = v->current[bucket];
+    uint32_t prev = v->previous ? v->previous[bucket] : cur;
+    int moved = cur != prev;
+    int is_tcp = pp->l4_proto == 6;
+    int syn = is_tcp && (pp->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
+    if (moved && !syn) {
+        /* An existing flow (or, for UDP, maybe a new one) with no state in a
+         * bucket whose backend changed: only the owner can say (rule 3). */
+        punt->reason = is_tcp ? PYLB_PUNT_MOVED : PYLB_PUNT_UDP_MOVED;
+        punt->vip = (int16_t)vi;
+        punt->bucket = bucket;
+        punt->current = cur;
+        punt->previous = prev;
+        punt->backend = PYLB_NO_BACKEND;
+        return hold(w, m, pp, flow_id, punt);
+    }
+    if (cur == PYLB_NO_BACKEND) {
+        count_drop(w, &w->st.drop_no_backend, m);
+        return 0;
+    }
+    int notice = 0;
+    if (moved || (v->flags & PYLB_VIP_TRACK_ALL)) {
+        int rc = pylb_flow_cache_insert(w->cache, &pp->key, flow_id, cur, now,
+                                        timeout_class(pp->l4_proto, pp->tcp_flags));
+        if (rc == PYLB_OK)
+            w->st.cache_insert++;
+        else
+            w->st.cache_full++;
+        if (moved) {
+            /* Rule 2: a new flow in a moved bucket needs its state at the
+             * owner; tell Python, which batches the pushes. */
+            if (room > 0) {
+                punt->slot = PYLB_NO_BACKEND;
+                punt->reason = PYLB_PUNT_NEW_STATE;
+                punt->tcp_flags = pp->tcp_flags;
+                punt->vip = (int16_t)vi;
+                punt->flow_id = flow_id;
+                punt->bucket = bucket;
+                punt->current = cur;
+                punt->previous = prev;
+                punt->backend = cur;
+                punt->key = pp->key;
+                w->st.notices++;
+                notice = 1;
+            } else {
+                w->st.notices_lost++;
+            }
+        }
+    }
+    if (forward(w, m, cur, pp->l2_len, pp->l3_total, l3, flow_id)) {
+        if (syn || !is_tcp)
+            w->st.fwd_new++;
+        else
+            w->st.fwd_table++;
+    }
+    return notice;
+}
+
+/* Classifies one frame; returns punts written. */
+static int handle_frame(struct pylb_worker *w, struct rte_mbuf *m, uint32_t now,
+                        struct pylb_punt *punt, int room)
+{
+    struct pylb_parsed pp;
+    w->st.rx++;
+    w->st.rx_bytes += m->pkt_len;
+    if (PYLB_UNLIKELY(m->nb_segs > 1) && rte_pktmbuf_linearize(m) != 0) {
+        count_drop(w, &w->st.drop_too_big, m);
+        return 0;
+    }
+    int rc = pylb_parse(rte_pktmbuf_mtod(m, const uint8_t *), m->data_len, &pp);
+    if (PYLB_UNLIKELY(rc != PYLB_PARSE_OK)) {
+        if (rc == PYLB_PARSE_TRUNCATED)
+            count_drop(w, &w->st.drop_parse_truncated, m);
+        else if (rc == PYLB_PARSE_BAD_HEADER)
+            count_drop(w, &w->st.drop_parse_bad, m);
+        else
+            to_exception(w, m, &w->st.drop_not_ip);
+        return 0;
+    }
+    if (PYLB_UNLIKELY(pp.l3 == PYLB_L3_ARP)) {
+        neigh_handle_arp(w, m, &pp);
+        return 0;
+    }
+    const struct pylb_dataplane *dp = w->dp;
+    int32_t vi = dp_find_vip(dp, &pp.key.dst, pp.l4_proto, pp.key.dport);
+    if (PYLB_LIKELY(vi >= 0))
+        return handle_vip(w, m, &pp, vi, now, punt, room);
+    if (pp.l4_proto == 58 && neigh_handle_nd(w, m, &pp))
+        return 0;
+    if (dp_is_local(dp, &pp.key.dst) && dp->peer_port && pp.l4_proto == 17 &&
+        pp.key.dport == dp->peer_port && (pp.flags & PYLB_PF_HAS_L4)) {
+        punt->reason = PYLB_PUNT_PEER;
+        punt->vip = -1;
+        punt->bucket = 0;
+        punt->current = punt->previous = punt->backend = PYLB_NO_BACKEND;
+        return hold(w, m, &pp, 0, punt);
+    }
+    if (pp.l4_proto == 1 || pp.l4_proto == 58)
+        to_exception(w, m, &w->st.drop_icmp);
+    else
+        to_exception(w, m, &w->st.drop_no_vip);
+    return 0;
+}
+
+static void flush(struct pylb_worker *w, uint64_t now_tsc)
+{
+    rte_eth_tx_buffer_flush(w->port->port_id, w->txq, w->txb);
+    w->last_flush_tsc = now_tsc;
+}
+
+/* Kernel to wire: what the TAP device sends leaves by the data port. */
+static void pump_exception_port(struct pylb_worker *w)
+{
+    struct rte_mbuf *m[PYLB_BURST];
+    uint16_t n = rte_eth_rx_burst(w->exc_port->port_id, 0, m, PYLB_BURST);
+    w->st.tap_to_wire += n;
+    for (uint16_t i = 0; i < n; i++)
+        worker_tx(w, m[i]);
+}
 
 PYLB_API int pylb_worker_poll(struct pylb_worker *w, uint32_t max_bursts, uint32_t max_idle_us,
-                     struct pylb_punt *punts, uint32_t max_punts, uint32_t *n_punts)
-{ return pylb_fail(PYLB_EINVAL, "pylb_worker_poll: not implemented"); }
+                              struct pylb_punt *punts, uint32_t max_punts, uint32_t *n_punts)
+{
+    if (w == NULL || n_punts == NULL || (max_punts && punts == NULL))
+        return pylb_fail(PYLB_EINVAL, "poll: NULL argument");
+    if (w->dp == NULL)
+        return pylb_fail(PYLB_ESTATE, "poll: no dataplane set");
+    uint64_t hz = rte_get_tsc_hz();
+    uint64_t max_idle = (uint64_t)max_idle_us * hz / 1000000u;
+    uint64_t idle_start = 0;
+    uint32_t np = 0, bursts = 0, empty = 0, sleep_us = 0;
+    struct rte_mbuf *m[PYLB_BURST];
+    w->st.polls++;
+    while (bursts < max_bursts && max_punts - np >= 2 * PYLB_BURST && w->n_free >= PYLB_BURST) {
+        uint16_t n = rte_eth_rx_burst(w->port->port_id, w->rxq, m, PYLB_BURST);
+        uint64_t now_tsc = rte_rdtsc();
+        if (w->exc_port)
+            pump_exception_port(w);
+        if (n > 0) {
+            uint32_t now = pylb_now_ms();
+            for (uint16_t i = 0; i < n; i++) {
+                if (i + 1 < n)
+                    rte_prefetch0(rte_pktmbuf_mtod(m[i + 1], void *));
+                np += handle_frame(w, m[i], now, &punts[np], (int)(max_punts - np - PYLB_BURST));
+            }
+            bursts++;
+            empty = 0;
+            sleep_us = 0;
+            idle_start = 0;
+        } else {
+            if (idle_start == 0)
+                idle_start = now_tsc;
+            else if (now_tsc - idle_start >= max_idle)
+                break;
+            if (w->txb->length)
+                flush(w, now_tsc);
+            if (++empty >= EMPTY_POLLS_BEFORE_SLEEP && w->idle_sleep_max_us) {
+                /* Back off so that balancers sharing a core leave it to others. */
+                sleep_us = sleep_us ? RTE_MIN(sleep_us * 2, w->idle_sleep_max_us) : 1;
+                struct timespec ts = {0, (long)sleep_us * 1000};
+                nanosleep(&ts, NULL);
+                w->st.idle_sleeps++;
+            }
+        }
+        if (now_tsc - w->last_flush_tsc >= w->tx_drain_tsc)
+            flush(w, now_tsc);
+    }
+    flush(w, rte_rdtsc());
+    *n_punts = np;
+    return PYLB_OK;
+}
 
 PYLB_API int pylb_worker_apply(struct pylb_worker *w, const struct pylb_verdict *v, uint32_t n)
-{ return pylb_fail(PYLB_EINVAL, "pylb_worker_apply: not implemented"); }
+{
+    int bad = 0;
+    uint32_t now = pylb_now_ms();
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t slot = v[i].slot;
+        if (slot >= w->max_held || w->held[slot].m == NULL) {
+            bad++;
+            continue;
+        }
+        struct held_pkt *h = &w->held[slot];
+        struct rte_mbuf *m = h->m;
+        h->m = NULL;
+        w->free_slots[w->n_free++] = slot;
+        w->st.held_now--;
+        if (v[i].action == PYLB_VERDICT_FORWARD) {
+            w->st.verdict_forward++;
+            if (v[i].cache && v[i].backend < w->dp->n_backends) {
+                if (pylb_flow_cache_insert(w->cache, &h->key, h->flow_id, v[i].backend, now,
+                                           timeout_class(h->proto, h->tcp_flags)) == PYLB_OK)
+                    w->st.cache_insert++;
+                else
+                    w->st.cache_full++;
+            }
+            if (forward(w, m, v[i].backend, h->l2_len, h->l3_total, h->l3, h->flow_id))
+                w->st.fwd_verdict++;
+        } else if (v[i].action == PYLB_VERDICT_TO_PEER) {
+            /* The state request is the packet itself (rule 3): the peer
+             * protocol (docs/peer-protocol.md) wraps it; until then, drop. */
+            w->st.verdict_peer++;
+            w->tx_buffered++;
+            w->st.tx_dropped++;
+            rte_pktmbuf_free(m);
+        } else {
+            w->st.verdict_drop++;
+            count_drop(w, &w->st.drop_verdict, m);
+        }
+    }
+    flush(w, rte_rdtsc());
+    return bad ? pylb_fail(PYLB_EINVAL, "%d verdicts named no held packet", bad) : PYLB_OK;
+}
+
+PYLB_API int pylb_worker_create(const struct pylb_worker_conf *c, struct pylb_worker **out)
+{
+    if (c == NULL || out == NULL || c->port == NULL || c->cache == NULL || c->neigh == NULL)
+        return pylb_fail(PYLB_EINVAL, "worker: port, flow cache and neighbour table are required");
+    uint32_t max_held = c->max_held ? c->max_held : 1024;
+    if (max_held < 2 * PYLB_BURST)
+        return pylb_fail(PYLB_EINVAL, "worker: max_held must be at least %d", 2 * PYLB_BURST);
+    struct pylb_worker *w = rte_zmalloc("pylb_worker", sizeof(*w), RTE_CACHE_LINE_SIZE);
+    if (w == NULL)
+        return pylb_fail(PYLB_ENOMEM, "worker: out of memory");
+    w->port = c->port;
+    w->exc_port = c->exception_port;
+    w->rxq = c->rx_queue;
+    w->txq = c->tx_queue;
+    w->cache = c->cache;
+    w->neigh = c->neigh;
+    w->idle_sleep_max_us = c->idle_sleep_max_us;
+    w->max_held = max_held;
+    w->tx_drain_tsc = (uint64_t)(c->tx_drain_us ? c->tx_drain_us : 100) * rte_get_tsc_hz() / 1000000u;
+    w->txb = rte_zmalloc("pylb_txb", RTE_ETH_TX_BUFFER_SIZE(PYLB_BURST), 0);
+    w->held = calloc(max_held, sizeof(struct held_pkt));
+    w->free_slots = malloc(max_held * sizeof(uint32_t));
+    if (w->txb == NULL || w->held == NULL || w->free_slots == NULL) {
+        pylb_worker_destroy(w);
+        return pylb_fail(PYLB_ENOMEM, "worker: out of memory");
+    }
+    for (uint32_t i = 0; i < max_held; i++)
+        w->free_slots[i] = max_held - 1 - i;
+    w->n_free = max_held;
+    rte_eth_tx_buffer_init(w->txb, PYLB_BURST);
+    rte_eth_tx_buffer_set_err_callback(w->txb, rte_eth_tx_buffer_count_callback, &w->st.tx_dropped);
+    int rc = pylb_port_mac(c->port, w->mac);
+    if (rc != PYLB_OK) {
+        pylb_worker_destroy(w);
+        return rc;
+    }
+    *out = w;
+    return PYLB_OK;
+}
+
+PYLB_API void pylb_worker_destroy(struct pylb_worker *w)
+{
+    if (w == NULL)
+        return;
+    if (w->held) {
+        for (uint32_t i = 0; i < w->max_held; i++)
+            if (w->held[i].m) {
+                w->st.verdict_drop++;
+                w->st.held_now--;
+                count_drop(w, &w->st.drop_verdict, w->held[i].m);
+            }
+    }
+    if (w->txb)
+        rte_eth_tx_buffer_flush(w->port->port_id, w->txq, w->txb);
+    free(w->held);
+    free(w->free_slots);
+    free(w->be_packets);
+    free(w->be_bytes);
+    rte_free(w->txb);
+    rte_free(w);
+}
+
+PYLB_API int pylb_worker_set_dataplane(struct pylb_worker *w, struct pylb_dataplane *dp,
+                                       struct pylb_dataplane **old)
+{
+    if (w == NULL || dp == NULL)
+        return pylb_fail(PYLB_EINVAL, "set_dataplane: NULL argument");
+    if (w->st.held_now)
+        return pylb_fail(PYLB_ESTATE, "set_dataplane: %llu packets still wait for a verdict",
+                         (unsigned long long)w->st.held_now);
+    uint32_t n = dp->n_backends ? dp->n_backends : 1;
+    uint64_t *p = calloc(n, sizeof(uint64_t)), *b = calloc(n, sizeof(uint64_t));
+    if (p == NULL || b == NULL) {
+        free(p);
+        free(b);
+        return pylb_fail(PYLB_ENOMEM, "set_dataplane: out of memory");
+    }
+    free(w->be_packets);
+    free(w->be_bytes);
+    w->be_packets = p;
+    w->be_bytes = b;
+    w->n_be = n;
+    if (old)
+        *old = w->dp;
+    w->dp = dp;
+    return PYLB_OK;
+}
 
 PYLB_API int pylb_worker_flush(struct pylb_worker *w)
-{ return pylb_fail(PYLB_EINVAL, "pylb_worker_flush: not implemented"); }
+{
+    flush(w, rte_rdtsc());
+    return PYLB_OK;
+}
 
 PYLB_API int pylb_worker_stats(const struct pylb_worker *w, struct pylb_stats *out)
-{ return pylb_fail(PYLB_EINVAL, "pylb_worker_stats: not implemented"); }
+{
+    *out = w->st;
+    /* What the TX buffer still holds is neither sent nor dropped yet. */
+    out->tx_ok = w->tx_buffered - w->st.tx_dropped - w->txb->length;
+    return PYLB_OK;
+}
 
 PYLB_API int pylb_worker_backend_counts(const struct pylb_worker *w, uint64_t *packets,
-                               uint64_t *bytes, uint32_t n)
-{ return pylb_fail(PYLB_EINVAL, "pylb_worker_backend_counts: not implemented"); }
+                                        uint64_t *bytes, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        packets[i] = i < w->n_be && w->be_packets ? w->be_packets[i] : 0;
+        bytes[i] = i < w->n_be && w->be_bytes ? w->be_bytes[i] : 0;
+    }
+    return PYLB_OK;
+}
+
+PYLB_API int pylb_worker_solicit(struct pylb_worker *w, const struct pylb_ip *ip)
+{
+    if (w->dp == NULL)
+        return pylb_fail(PYLB_ESTATE, "solicit: no dataplane set (it holds the local addresses)");
+    int rc = neigh_solicit(w, ip, 1);
+    flush(w, rte_rdtsc());
+    return rc;
+}
 
 PYLB_API int pylb_worker_age_cache(struct pylb_worker *w, uint64_t max_sets, uint64_t *freed)
-{ return pylb_fail(PYLB_EINVAL, "pylb_worker_age_cache: not implemented"); }
+{
+    uint64_t n = pylb_flow_cache_age(w->cache, pylb_now_ms(), max_sets);
+    if (freed)
+        *freed = n;
+    return PYLB_OK;
+}

@@ -1,0 +1,48 @@
+/* dataplane.h - the compiled forwarding configuration, read by workers. */
+#ifndef PYLB_DATAPLANE_H
+#define PYLB_DATAPLANE_H
+
+#include "internal.h"
+
+struct dp_backend {
+    struct pylb_encap_params encap;  /* all but dst_mac filled at compile */
+    struct pylb_ip next_hop;         /* gateway of its family, or itself */
+    uint32_t vip;
+    uint8_t drained;
+};
+
+struct dp_vip {
+    struct pylb_ip addr;
+    uint8_t proto;
+    uint8_t flags;
+    uint16_t port;
+    uint32_t table_size;
+    uint32_t *current;
+    uint32_t *previous;              /* NULL: no previous generation */
+};
+
+/* One allocation: header, then vips, backends, tables and the VIP index. */
+struct pylb_dataplane {
+    uint64_t generation;
+    uint64_t flow_seed;
+    struct pylb_ip local_v4, local_v6;
+    uint8_t has_v4, has_v6, exception_policy;
+    uint16_t mtu, peer_port;
+    uint32_t n_vips, n_backends;
+    struct dp_vip *vips;
+    struct dp_backend *backends;
+    uint32_t index_mask;             /* open-addressed VIP index, power of two */
+    int32_t *index;                  /* vip number or -1 */
+};
+
+/* VIP for (dst, proto, dport): an exact port match first, then "all ports". */
+int32_t dp_find_vip(const struct pylb_dataplane *dp, const struct pylb_ip *dst, uint8_t proto,
+                    uint16_t dport);
+
+static inline int dp_is_local(const struct pylb_dataplane *dp, const struct pylb_ip *ip)
+{
+    return (dp->has_v4 && pylb_ip_eq(ip, &dp->local_v4)) ||
+           (dp->has_v6 && pylb_ip_eq(ip, &dp->local_v6));
+}
+
+#endif

@@ -1,0 +1,62 @@
+/* worker.h - one worker's state; shared by worker.c and neigh_wire.c. */
+#ifndef PYLB_WORKER_H
+#define PYLB_WORKER_H
+
+#include <rte_ethdev.h>
+#include <rte_mbuf.h>
+#include "dataplane.h"
+#include "neigh.h"
+#include "port_internal.h"
+
+/* A packet held for Python's verdict, with what the verdict needs. */
+struct held_pkt {
+    struct rte_mbuf *m;
+    struct pylb_flow_key key;
+    uint64_t flow_id;
+    uint16_t l2_len;
+    uint16_t l3_total;
+    uint8_t l3;
+    uint8_t tcp_flags;
+    uint8_t proto;
+};
+
+struct pylb_worker {
+    struct pylb_port *port;
+    struct pylb_port *exc_port;
+    uint16_t rxq, txq;
+    uint8_t mac[6];
+    struct pylb_flow_cache *cache;
+    struct pylb_neigh *neigh;
+    struct pylb_dataplane *dp;
+    struct rte_eth_dev_tx_buffer *txb;
+    uint64_t tx_drain_tsc;
+    uint64_t last_flush_tsc;
+    uint64_t tx_buffered;        /* mbufs handed to the TX buffer */
+    uint32_t idle_sleep_max_us;
+    uint32_t max_held;
+    uint32_t n_free;
+    uint32_t *free_slots;
+    struct held_pkt *held;
+    uint64_t *be_packets;        /* per backend id of the current dataplane */
+    uint64_t *be_bytes;
+    uint32_t n_be;
+    struct pylb_stats st;
+};
+
+/* TX through the worker's buffer; counted in tx_buffered. */
+static inline void worker_tx(struct pylb_worker *w, struct rte_mbuf *m)
+{
+    w->tx_buffered++;
+    rte_eth_tx_buffer(w->port->port_id, w->txq, w->txb, m);
+}
+
+/* ARP and NDP on the wire (neigh_wire.c). Each consumes or sends m and counts
+ * the outcome. */
+void neigh_handle_arp(struct pylb_worker *w, struct rte_mbuf *m, const struct pylb_parsed *pp);
+/* Returns 1 when m was an NS/NA it handled, 0 to let the caller go on. */
+int neigh_handle_nd(struct pylb_worker *w, struct rte_mbuf *m, const struct pylb_parsed *pp);
+/* Sends an ARP request or NS for ip unless one went out within the last second
+ * (force=1 ignores that). Returns PYLB_OK or an error. */
+int neigh_solicit(struct pylb_worker *w, const struct pylb_ip *ip, int force);
+
+#endif

@@ -1,0 +1,245 @@
+"""The configuration schema: one pydantic model, read from YAML.
+
+Every field is documented in docs/configuration.md. A bad file raises
+ConfigError naming the field and the reason; nothing starts.
+"""
+from __future__ import annotations
+
+import ipaddress
+import pathlib
+import re
+from typing import Annotated, Literal, Optional, Union
+
+import yaml
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError,
+                      field_validator, model_validator)
+
+from pylb.errors import ConfigError
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    f = 3
+    while f * f <= n:
+        if n % f == 0:
+            return False
+        f += 2
+    return True
+
+
+class Strict(BaseModel):
+    """Unknown fields are errors: a typo must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _mac(value: str) -> str:
+    if not MAC_RE.match(value):
+        raise ValueError(f"{value!r} is not a MAC address like 02:00:00:00:00:01")
+    return value.lower()
+
+
+Mac = Annotated[str, AfterValidator(_mac)]
+
+
+class Neighbor(Strict):
+    address: IPAddress
+    mac: Mac
+
+
+class Exception_(Strict):
+    policy: Literal["drop", "tap"] = "drop"
+    tap_name: str = Field("pylb0", max_length=15)
+
+
+class DataPort(Strict):
+    device: str = Field(min_length=1)
+    address_v4: Optional[ipaddress.IPv4Address] = None
+    address_v6: Optional[ipaddress.IPv6Address] = None
+    gateway_v4: Optional[ipaddress.IPv4Address] = None
+    gateway_v6: Optional[ipaddress.IPv6Address] = None
+    mtu: int = Field(1500, ge=576, le=9216)
+    rx_desc: int = Field(1024, ge=64, le=16384)
+    tx_desc: int = Field(1024, ge=64, le=16384)
+    mbufs: int = Field(16383, ge=1023, le=4_194_303)
+    promiscuous: bool = True
+    neighbors: list[Neighbor] = []
+    exception: Exception_ = Exception_()
+
+    @model_validator(mode="after")
+    def _needs_an_address(self):
+        if self.address_v4 is None and self.address_v6 is None:
+            raise ValueError("address_v4 or address_v6 is required (the outer source address)")
+        return self
+
+
+class FlowCache(Strict):
+    capacity: int = Field(1_048_576, ge=64, le=1 << 31)
+    track: Literal["all", "moved"] = "all"
+
+
+class Timeouts(Strict):
+    """Idle timeouts of cached flows, in seconds."""
+
+    tcp: float = Field(300.0, gt=0, le=86400)
+    tcp_closing: float = Field(10.0, gt=0, le=86400)
+    udp: float = Field(30.0, gt=0, le=86400)
+    other: float = Field(30.0, gt=0, le=86400)
+
+    def as_ms(self) -> list[int]:
+        return [int(self.tcp * 1000), int(self.tcp_closing * 1000), int(self.udp * 1000),
+                int(self.other * 1000)]
+
+
+class Dpdk(Strict):
+    hugepages: Literal["auto", "on", "off"] = "auto"
+    memory_mb: int = Field(512, ge=64, le=1 << 20)
+    eal_args: list[str] = []
+    cores: list[int] = []
+
+
+class Log(Strict):
+    format: Literal["console", "json"] = "console"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Balancer(Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    data: DataPort
+    workers: int = Field(1, ge=1, le=64)
+    flow_cache: FlowCache = FlowCache()
+    timeouts: Timeouts = Timeouts()
+    flow_seed: int = Field(0x5EED_1B_5EED_1B, ge=0, lt=1 << 64)
+    max_held: int = Field(4096, ge=64, le=1 << 20)
+    dpdk: Dpdk = Dpdk()
+    log: Log = Log()
+
+
+class Encap(Strict):
+    type: Literal["ipip", "vxlan", "gue"] = "ipip"
+    vni: int = Field(0, ge=0, lt=1 << 24)
+    port: Optional[int] = Field(None, ge=1, le=65535)
+    inner_mac: Mac = "02:00:00:00:00:01"
+    ttl: int = Field(64, ge=1, le=255)
+
+    def udp_port(self) -> int:
+        if self.port is not None:
+            return self.port
+        return {"vxlan": 4789, "gue": 6080}.get(self.type, 0)
+
+
+class Backend(Strict):
+    name: str = Field(min_length=1, max_length=64)
+    address: IPAddress
+    weight: int = Field(1, ge=0, le=65535)
+
+
+class Vip(Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    address: IPAddress
+    protocol: Literal["tcp", "udp"] = "tcp"
+    port: Annotated[Optional[int], Field(ge=1, le=65535)] = None
+    encap: Encap = Encap()
+    answer_arp: bool = False
+    table_size: int = 65537
+    backends: list[Backend] = Field(min_length=1)
+
+    @field_validator("port", mode="before")
+    @classmethod
+    def _all_ports(cls, v):
+        return None if v in ("all", "*") else v
+
+    @field_validator("table_size")
+    @classmethod
+    def _prime(cls, v: int) -> int:
+        if not (13 <= v <= 16_777_259) or not _is_prime(v):
+            raise ValueError(f"{v} must be a prime between 13 and 16777259 (e.g. 65537)")
+        return v
+
+    @model_validator(mode="after")
+    def _backends_unique(self):
+        names = [b.name for b in self.backends]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"backend names repeat: {', '.join(dupes)}")
+        addrs = [b.address for b in self.backends]
+        dupes = sorted({str(a) for a in addrs if addrs.count(a) > 1})
+        if dupes:
+            raise ValueError(f"backend addresses repeat: {', '.join(dupes)}")
+        return self
+
+    @property
+    def protocol_number(self) -> int:
+        return 6 if self.protocol == "tcp" else 17
+
+
+class Config(Strict):
+    balancer: Balancer
+    vips: list[Vip] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        names = [v.name for v in self.vips]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"VIP names repeat: {', '.join(dupes)}")
+        keys = [(v.address, v.protocol, v.port) for v in self.vips]
+        if len(set(keys)) != len(keys):
+            raise ValueError("two VIPs share address, protocol and port")
+        data = self.balancer.data
+        for vip in self.vips:
+            for backend in vip.backends:
+                family = backend.address.version
+                if family == 4 and data.address_v4 is None:
+                    raise ValueError(f"VIP {vip.name}: backend {backend.name} is IPv4 but "
+                                     "balancer.data.address_v4 is not set")
+                if family == 6 and data.address_v6 is None:
+                    raise ValueError(f"VIP {vip.name}: backend {backend.name} is IPv6 but "
+                                     "balancer.data.address_v6 is not set")
+        return self
+
+    def find_vip(self, name_or_address: str) -> Vip:
+        for vip in self.vips:
+            if vip.name == name_or_address or str(vip.address) == name_or_address:
+                return vip
+        raise ConfigError(f"no VIP named or addressed {name_or_address!r}; "
+                          f"VIPs: {', '.join(v.name for v in self.vips)}")
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def parse(data: object, source: str = "configuration") -> Config:
+    """Validates a mapping (as read from YAML) into a Config."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with balancer and vips")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load(path: str | pathlib.Path) -> Config:
+    """Reads and validates a YAML configuration file."""
+    p = pathlib.Path(path)
+    try:
+        text = p.read_text()
+    except OSError as err:
+        raise ConfigError(f"{p}: cannot read: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    return parse(data, str(p))

@@ -1,0 +1,81 @@
+"""DPDK's EAL: the arguments pylb passes and the one start per process."""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import structlog
+
+from pylb._ffi import check, ffi, lib
+from pylb.errors import StateError
+
+log = structlog.get_logger("pylb.eal")
+_started: "Eal | None" = None
+
+
+def hugepages_available() -> bool:
+    """True when 2 MiB pages are free and hugetlbfs is mounted."""
+    try:
+        meminfo = pathlib.Path("/proc/meminfo").read_text()
+        mounts = pathlib.Path("/proc/mounts").read_text()
+    except OSError:
+        return False
+    free = 0
+    for line in meminfo.splitlines():
+        if line.startswith("HugePages_Free:"):
+            free = int(line.split()[1])
+    return free > 0 and any(f.split()[2] == "hugetlbfs" for f in mounts.splitlines() if f.strip())
+
+
+def eal_args(*, core: int | None = None, hugepages: str = "auto", memory_mb: int = 512,
+             pci: bool = False, extra: list[str] | None = None) -> list[str]:
+    """The EAL command line. --in-memory keeps no files in /dev/hugepages, so a
+    crashed process leaves nothing behind; --no-huge where pages are missing."""
+    use_huge = hugepages == "on" or (hugepages == "auto" and hugepages_available())
+    if core is None:
+        allowed = sorted(os.sched_getaffinity(0))
+        core = allowed[0]
+    args = ["pylb", "-l", str(core), "--no-telemetry", "--log-level=*:warning",
+            "--log-level=pmd.net.ring:error", "--log-level=lib.eal:error"]
+    if use_huge:
+        args += ["--in-memory"]
+    else:
+        args += ["--no-huge", "-m", str(memory_mb)]
+        if hugepages == "auto":
+            log.warning("hugepages unavailable: DPDK runs with --no-huge (slower; reserve "
+                        "hugepages with ./scripts/setup.sh)")
+    if not pci:
+        args += ["--no-pci"]
+    return args + list(extra or [])
+
+
+class Eal:
+    """The running EAL of this process. DPDK allows one start per process; close()
+    releases its memory, after which no port can be opened in this process."""
+
+    def __init__(self, args: list[str]):
+        global _started
+        if _started is not None:
+            raise StateError("the EAL already runs in this process")
+        self.args = list(args)
+        keep = [ffi.new("char[]", a.encode()) for a in self.args]
+        argv = ffi.new("char *[]", keep)
+        check(lib.pylb_eal_init(len(keep), argv), "starting DPDK (EAL)")
+        self.hugepages = bool(lib.pylb_eal_hugepages())
+        self._closed = False
+        _started = self
+
+    @classmethod
+    def current(cls) -> "Eal | None":
+        return _started
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            check(lib.pylb_eal_cleanup(), "stopping DPDK (EAL)")
+
+    def __enter__(self) -> "Eal":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,161 @@
+"""A worker: drives one RX/TX queue pair of a port through the shim's burst
+loop and receives the packets that need a decision (punts) in batches."""
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass
+
+from pylb._ffi import check, ffi, ip_from_c, ip_to_c, lib
+from pylb.dataplane import Dataplane
+from pylb.stats import Stats
+
+NO_SLOT = 0xFFFFFFFF
+
+
+class PuntReason(enum.IntEnum):
+    MOVED = 1        # held: existing TCP flow, no state, moved bucket
+    NEW_STATE = 2    # notice: new flow in a moved bucket was cached
+    PEER = 3         # held: peer message
+    UDP_MOVED = 4    # held: UDP flow with no state in a moved bucket
+
+
+class Action(enum.IntEnum):
+    FORWARD = 1
+    DROP = 2
+    TO_PEER = 3
+
+
+@dataclass(frozen=True)
+class Punt:
+    slot: int | None
+    reason: PuntReason
+    vip: int
+    flow_id: int
+    bucket: int
+    current: int
+    previous: int
+    backend: int
+    tcp_flags: int
+    src: ipaddress.IPv4Address | ipaddress.IPv6Address
+    dst: ipaddress.IPv4Address | ipaddress.IPv6Address
+    sport: int
+    dport: int
+    proto: int
+
+
+@dataclass(frozen=True)
+class Verdict:
+    slot: int
+    action: Action
+    backend: int = 0
+    cache: bool = False
+    peer: str | None = None
+
+
+class Worker:
+    """Owns the dataplane it was given; close() drops held packets, flushes TX
+    and frees everything of its own (not the port, cache or neighbour table)."""
+
+    def __init__(self, port, cache, neigh, *, rx_queue: int = 0, tx_queue: int = 0,
+                 exception_port=None, max_held: int = 4096, idle_sleep_max_us: int = 1000,
+                 tx_drain_us: int = 100, max_punts: int = 1024):
+        conf = ffi.new("struct pylb_worker_conf *")
+        conf.port = port.handle
+        conf.rx_queue, conf.tx_queue = rx_queue, tx_queue
+        conf.cache = cache.handle
+        conf.neigh = neigh.handle
+        conf.exception_port = exception_port.handle if exception_port else ffi.NULL
+        conf.tx_drain_us = tx_drain_us
+        conf.idle_sleep_max_us = idle_sleep_max_us
+        conf.max_held = max_held
+        out = ffi.new("struct pylb_worker **")
+        check(lib.pylb_worker_create(conf, out), "creating worker")
+        self._w = out[0]
+        self._dp: Dataplane | None = None
+        self._max_punts = max(max_punts, 128)
+        self._punts = ffi.new("struct pylb_punt[]", self._max_punts)
+        self._n = ffi.new("uint32_t *")
+
+    @property
+    def handle(self):
+        if self._w is None:
+            raise ValueError("worker is closed")
+        return self._w
+
+    @property
+    def dataplane(self) -> Dataplane | None:
+        return self._dp
+
+    def set_dataplane(self, dp: Dataplane) -> None:
+        """Swaps in a compiled configuration whole; the previous one is freed."""
+        old = ffi.new("struct pylb_dataplane **")
+        check(lib.pylb_worker_set_dataplane(self.handle, dp.handle, old), "swapping dataplane")
+        dp.give_away()
+        if old[0] != ffi.NULL:
+            lib.pylb_dataplane_free(old[0])
+        if self._dp is not None:
+            self._dp._dp = None
+        self._dp = dp
+
+    def poll(self, max_bursts: int = 256, max_idle_us: int = 0) -> list[Punt]:
+        check(lib.pylb_worker_poll(self.handle, max_bursts, max_idle_us, self._punts,
+                                   self._max_punts, self._n), "poll")
+        return [self._punt(self._punts[i]) for i in range(self._n[0])]
+
+    @staticmethod
+    def _punt(p) -> Punt:
+        return Punt(None if p.slot == NO_SLOT else p.slot, PuntReason(p.reason), p.vip, p.flow_id,
+                    p.bucket, p.current, p.previous, p.backend, p.tcp_flags, ip_from_c(p.key.src),
+                    ip_from_c(p.key.dst), p.key.sport, p.key.dport, p.key.proto)
+
+    def apply(self, verdicts: list[Verdict]) -> None:
+        if not verdicts:
+            return
+        v = ffi.new("struct pylb_verdict[]", len(verdicts))
+        for i, d in enumerate(verdicts):
+            v[i].slot, v[i].action, v[i].backend, v[i].cache = d.slot, d.action, d.backend, d.cache
+            if d.peer:
+                ip_to_c(d.peer, v[i].peer)
+        check(lib.pylb_worker_apply(self.handle, v, len(verdicts)), "applying verdicts")
+
+    def stats(self) -> Stats:
+        s = ffi.new("struct pylb_stats *")
+        check(lib.pylb_worker_stats(self.handle, s), "worker stats")
+        return Stats.from_c(s)
+
+    def backend_counts(self) -> list[tuple[int, int]]:
+        """(packets, bytes) per backend id of the current dataplane."""
+        n = len(self._dp.backends) if self._dp else 0
+        pk = ffi.new("uint64_t[]", max(n, 1))
+        by = ffi.new("uint64_t[]", max(n, 1))
+        check(lib.pylb_worker_backend_counts(self.handle, pk, by, n), "backend counts")
+        return [(pk[i], by[i]) for i in range(n)]
+
+    def solicit(self, address) -> None:
+        ip = ffi.new("struct pylb_ip *")
+        ip_to_c(address, ip)
+        check(lib.pylb_worker_solicit(self.handle, ip), f"soliciting {address}")
+
+    def age_cache(self, max_sets: int = 4096) -> int:
+        freed = ffi.new("uint64_t *")
+        check(lib.pylb_worker_age_cache(self.handle, max_sets, freed), "ageing the flow cache")
+        return freed[0]
+
+    def flush(self) -> None:
+        check(lib.pylb_worker_flush(self.handle), "flush")
+
+    def close(self) -> None:
+        if self._w is not None:
+            lib.pylb_worker_destroy(self._w)
+            self._w = None
+        if self._dp is not None:
+            lib.pylb_dataplane_free(self._dp._dp)
+            self._dp._dp = None
+            self._dp = None
+
+    def __enter__(self) -> "Worker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
