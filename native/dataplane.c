@@ -62,14 +62,13 @@ static int check_conf(const struct pylb_dp_conf *c)
     return PYLB_OK;
 }
 
-static void compile_backends(struct pylb_dataplane *dp, const struct pylb_dp_conf *c,
-                             uint32_t *owner_vip)
+static void compile_backends(struct pylb_dataplane *dp, const struct pylb_dp_conf *c)
 {
     for (uint32_t i = 0; i < c->n_backends; i++) {
         struct dp_backend *b = &dp->backends[i];
         const struct pylb_dp_backend *in = &c->backends[i];
         int v4 = pylb_ip_is_v4(&in->addr);
-        uint32_t vip = owner_vip[i];
+        uint32_t vip = in->vip < c->n_vips ? in->vip : UINT32_MAX;
         if (vip != UINT32_MAX)
             b->encap = c->vips[vip].encap;
         b->encap.dst = in->addr;
@@ -101,12 +100,8 @@ PYLB_API int pylb_dataplane_compile(const struct pylb_dp_conf *c, struct pylb_da
                   c->n_backends * sizeof(struct dp_backend) + mask * sizeof(int32_t) +
                   words * sizeof(uint32_t) + 64;
     struct pylb_dataplane *dp = aligned_alloc(64, (size + 63) & ~(size_t)63);
-    uint32_t *owner_vip = malloc((c->n_backends + 1) * sizeof(uint32_t));
-    if (dp == NULL || owner_vip == NULL) {
-        free(dp);
-        free(owner_vip);
+    if (dp == NULL)
         return pylb_fail(PYLB_ENOMEM, "dataplane: %zu bytes", size);
-    }
     memset(dp, 0, size);
     dp->generation = c->generation;
     dp->flow_seed = c->flow_seed;
@@ -125,8 +120,6 @@ PYLB_API int pylb_dataplane_compile(const struct pylb_dp_conf *c, struct pylb_da
     dp->index_mask = mask - 1;
     uint32_t *tables = (uint32_t *)(dp->index + mask);
     memset(dp->index, 0xff, mask * sizeof(int32_t));
-    for (uint32_t i = 0; i < c->n_backends; i++)
-        owner_vip[i] = UINT32_MAX;
     for (uint32_t i = 0; i < c->n_vips; i++) {
         const struct pylb_dp_vip *in = &c->vips[i];
         struct dp_vip *v = &dp->vips[i];
@@ -143,19 +136,12 @@ PYLB_API int pylb_dataplane_compile(const struct pylb_dp_conf *c, struct pylb_da
             memcpy(tables, in->previous, in->table_size * sizeof(uint32_t));
             tables += in->table_size;
         }
-        for (uint32_t b = 0; b < in->table_size; b++) {
-            if (in->current[b] != PYLB_NO_BACKEND)
-                owner_vip[in->current[b]] = i;
-            if (in->previous && in->previous[b] != PYLB_NO_BACKEND)
-                owner_vip[in->previous[b]] = i;
-        }
         uint32_t slot = vip_hash(&v->addr, v->proto, v->port) & dp->index_mask;
         while (dp->index[slot] >= 0)
             slot = (slot + 1) & dp->index_mask;
         dp->index[slot] = (int32_t)i;
     }
-    compile_backends(dp, c, owner_vip);
-    free(owner_vip);
+    compile_backends(dp, c);
     *out = dp;
     return PYLB_OK;
 }

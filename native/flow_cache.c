@@ -1,18 +1,583 @@
-/* flow_cache.c - placeholder until implemented. */
+/*
+ * flow_cache.c - lock-free, bounded, aging flow cache (docs/flow-cache.md).
+ *
+ * The table is position independent (no pointers) so that several processes
+ * can map it at different addresses. Every entry is one cache line guarded by
+ * its own sequence counter (a seqlock): readers never block, writers claim an
+ * entry by CAS from even to odd and publish it by storing the next even value.
+ *
+ * All fields of shared entries are accessed through __atomic builtins, even
+ * the relaxed ones: they are read while another thread may write them, which
+ * would be a data race (undefined behaviour) with plain accesses. On x86 the
+ * relaxed ones compile to ordinary loads and stores.
+ */
+#include <sched.h>
+#include <sys/mman.h>
+#include <rte_malloc.h>
 #include "internal.h"
-PYLB_API size_t pylb_flow_cache_footprint(uint64_t capacity) { return 0; }
+
+#define FC_MAGIC 0x31304346424c5950ull  /* "PYLBFC01" in memory order (little-endian) */
+#define FC_VERSION 1u
+#define FC_LINE 64u
+#define FC_KEY_WORDS 5
+#define FC_MAX_CAPACITY (1ull << 30)    /* 64 GiB of entries: beyond it, a typo */
+#define FC_MAX_TIMEOUT 0x7fffffffu
+/* A last-seen up to this far in the future is another thread's slightly newer
+ * clock, not a wrapped old stamp (see fc_live). */
+#define FC_SKEW_MS 65536u
+/* Bounded patience with an entry held odd by a writer: a writer that died
+ * mid-write must not hang everyone else, it only loses that entry. An insert
+ * that still finds no way through reports PYLB_EFULL ("contended"). */
+#define FC_SPINS 1024
+#define FC_INSERT_ATTEMPTS 64
+
+#define TCP_FIN 0x01
+#define TCP_RST 0x04
+
+/* One flow, one cache line. Layout in docs/flow-cache.md. */
+struct fc_entry {
+    uint32_t seq;        /* even: stable, odd: a writer holds it */
+    uint32_t backend;
+    uint32_t last_seen;  /* ms, compared modulo 2^32 */
+    uint8_t used;        /* 0: free */
+    uint8_t tclass;      /* enum pylb_timeout_class */
+    uint16_t reserved;
+    uint64_t flow_id;    /* whole id: rejects other flows of the set in one compare */
+    uint64_t key[FC_KEY_WORDS];
+};
+_Static_assert(sizeof(struct fc_entry) == FC_LINE, "one entry, one cache line");
+_Static_assert(sizeof(struct pylb_flow_key) == 8 * FC_KEY_WORDS, "40-byte key");
+
+/* Shared header: a read-mostly line, then the aging cursor on its own line so
+ * that age() calls do not invalidate what every lookup reads. */
+struct fc_header {
+    uint64_t magic;      /* stored last by init, with release */
+    uint32_t version;
+    uint32_t ways;
+    uint32_t entry_size;
+    uint32_t reserved;
+    uint64_t n_sets;     /* a power of two */
+    uint64_t capacity;   /* n_sets * ways */
+    uint32_t timeouts_ms[4];
+    uint8_t pad0[FC_LINE - 56];
+    uint64_t age_cursor; /* next set to age, shared by all handles */
+    uint8_t pad1[FC_LINE - 8];
+};
+_Static_assert(sizeof(struct fc_header) == 2 * FC_LINE, "two header lines");
+
+enum fc_owner { FC_CALLER = 0, FC_MMAP = 1, FC_RTE = 2 };
+
+/* The process-local handle. */
+struct pylb_flow_cache {
+    struct fc_header *hdr;
+    struct fc_entry *entries;
+    uint64_t set_mask;
+    void *mem;
+    size_t len;
+    enum fc_owner owner;
+};
+
+struct fc_snap {
+    uint32_t seq, backend, last_seen;
+    uint8_t used, tclass;
+    uint64_t flow_id;
+    uint64_t key[FC_KEY_WORDS];
+};
+
+#define LOAD(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
+
+static inline void fc_pause(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static uint64_t fc_sets_for(uint64_t capacity)
+{
+    uint64_t sets = (capacity + PYLB_FLOW_CACHE_WAYS - 1) / PYLB_FLOW_CACHE_WAYS;
+    uint64_t pow2 = 1;
+    while (pow2 < sets)
+        pow2 <<= 1;
+    return pow2;
+}
+
+PYLB_API size_t pylb_flow_cache_footprint(uint64_t capacity)
+{
+    if (capacity == 0 || capacity > FC_MAX_CAPACITY)
+        return 0;
+    return sizeof(struct fc_header)
+           + fc_sets_for(capacity) * PYLB_FLOW_CACHE_WAYS * sizeof(struct fc_entry);
+}
+
+static int fc_check_timeouts(const uint32_t t[4])
+{
+    if (!t)
+        return pylb_fail(PYLB_EINVAL, "flow_cache: timeouts is NULL");
+    for (int i = 0; i < 4; i++)
+        if (t[i] == 0 || t[i] > FC_MAX_TIMEOUT)
+            return pylb_fail(PYLB_EINVAL, "flow_cache: timeout %d is %u ms (1..%u)", i,
+                             t[i], FC_MAX_TIMEOUT);
+    return PYLB_OK;
+}
+
+/*
+ * Live while 0 <= now - last_seen < timeout, modulo 2^32. A stamp slightly in
+ * the future (another thread wrote a newer now than ours) stays live: adding
+ * the skew first turns both conditions into one unsigned compare.
+ */
+static inline int fc_live(const struct fc_header *h, uint32_t last_seen, uint8_t tclass,
+                          uint32_t now)
+{
+    uint32_t timeout = LOAD(&h->timeouts_ms[tclass & 3]);
+    return (uint32_t)(now - last_seen + FC_SKEW_MS) < timeout + FC_SKEW_MS;
+}
+
+static inline void fc_load_key(uint64_t out[FC_KEY_WORDS], const struct pylb_flow_key *key)
+{
+    memcpy(out, key, sizeof(*key));  /* the caller's key need not be 8-aligned */
+}
+
+static inline int fc_key_eq(const uint64_t a[FC_KEY_WORDS], const uint64_t b[FC_KEY_WORDS])
+{
+    uint64_t diff = 0;
+    for (int i = 0; i < FC_KEY_WORDS; i++)
+        diff |= a[i] ^ b[i];
+    return diff == 0;
+}
+
+/*
+ * A consistent copy of an entry, or 0 if a writer kept it odd for FC_SPINS
+ * tries. The acquire load of seq pairs with the writer's release publish, so
+ * the fields read after it are at least that new; the acquire fence keeps the
+ * field loads before the second seq load, which tells whether a writer came in
+ * between (it stored odd before touching any field, see fc_claim).
+ */
+static int fc_snapshot(struct fc_entry *e, struct fc_snap *s)
+{
+    for (int spin = 0; spin < FC_SPINS; spin++) {
+        uint32_t seq = __atomic_load_n(&e->seq, __ATOMIC_ACQUIRE);
+        if (seq & 1) {
+            fc_pause();
+            continue;
+        }
+        s->backend = LOAD(&e->backend);
+        s->last_seen = LOAD(&e->last_seen);
+        s->used = LOAD(&e->used);
+        s->tclass = LOAD(&e->tclass);
+        s->flow_id = LOAD(&e->flow_id);
+        for (int i = 0; i < FC_KEY_WORDS; i++)
+            s->key[i] = LOAD(&e->key[i]);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (LOAD(&e->seq) == seq) {
+            s->seq = seq;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/*
+ * Takes an entry from the state a snapshot saw (seq even) to odd. Success
+ * means nobody wrote it since, so the snapshot is its current content. The
+ * acquire makes the previous writer's fields visible to us; the release fence
+ * keeps our field stores after the odd seq, so a reader that sees any of them
+ * also sees seq changed and retries.
+ */
+static inline int fc_claim(struct fc_entry *e, uint32_t seq)
+{
+    if (!__atomic_compare_exchange_n(&e->seq, &seq, seq + 1, 0, __ATOMIC_ACQUIRE,
+                                     __ATOMIC_RELAXED))
+        return 0;
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    return 1;
+}
+
+/* From the odd seq we claimed to the next even one: every field store above
+ * becomes visible before it. */
+static inline void fc_publish(struct fc_entry *e, uint32_t odd_seq)
+{
+    __atomic_store_n(&e->seq, odd_seq + 1, __ATOMIC_RELEASE);
+}
+
+static inline struct fc_entry *fc_set(const struct pylb_flow_cache *c, uint64_t flow_id)
+{
+    return c->entries + (flow_id & c->set_mask) * PYLB_FLOW_CACHE_WAYS;
+}
+
+static void fc_layout(struct pylb_flow_cache *c, void *mem, uint64_t n_sets)
+{
+    c->hdr = mem;
+    c->entries = (struct fc_entry *)((char *)mem + sizeof(struct fc_header));
+    c->set_mask = n_sets - 1;
+}
+
+static void fc_init(void *mem, uint64_t n_sets, const uint32_t timeouts[4])
+{
+    struct fc_header *h = mem;
+    memset(mem, 0, sizeof(*h) + n_sets * PYLB_FLOW_CACHE_WAYS * sizeof(struct fc_entry));
+    h->version = FC_VERSION;
+    h->ways = PYLB_FLOW_CACHE_WAYS;
+    h->entry_size = sizeof(struct fc_entry);
+    h->n_sets = n_sets;
+    h->capacity = n_sets * PYLB_FLOW_CACHE_WAYS;
+    memcpy(h->timeouts_ms, timeouts, sizeof(h->timeouts_ms));
+    /* Last, with release: a process attaching meanwhile sees either no magic
+     * or the complete layout. */
+    __atomic_store_n(&h->magic, FC_MAGIC, __ATOMIC_RELEASE);
+}
+
 PYLB_API int pylb_flow_cache_attach(void *mem, size_t len, uint64_t capacity, int init,
-                           const uint32_t timeouts_ms[4], struct pylb_flow_cache **out)
-{ return pylb_fail(PYLB_EINVAL, "flow_cache: not implemented"); }
-PYLB_API int pylb_flow_cache_create(uint64_t capacity, const uint32_t timeouts_ms[4], struct pylb_flow_cache **out)
-{ return pylb_fail(PYLB_EINVAL, "flow_cache: not implemented"); }
-PYLB_API void pylb_flow_cache_destroy(struct pylb_flow_cache *c) {}
-PYLB_API int pylb_flow_cache_set_timeouts(struct pylb_flow_cache *c, const uint32_t timeouts_ms[4]) { return PYLB_EINVAL; }
+                                    const uint32_t timeouts_ms[4],
+                                    struct pylb_flow_cache **out)
+{
+    if (!mem || !out)
+        return pylb_fail(PYLB_EINVAL, "flow_cache_attach: mem or out is NULL");
+    size_t need = pylb_flow_cache_footprint(capacity);
+    if (need == 0)
+        return pylb_fail(PYLB_EINVAL, "flow_cache_attach: capacity %llu not in 1..%llu",
+                         (unsigned long long)capacity, FC_MAX_CAPACITY);
+    if (len < need)
+        return pylb_fail(PYLB_EINVAL, "flow_cache_attach: %zu bytes, capacity %llu needs %zu",
+                         len, (unsigned long long)capacity, need);
+    if ((uintptr_t)mem % FC_LINE)
+        return pylb_fail(PYLB_EINVAL, "flow_cache_attach: mem not %u-byte aligned", FC_LINE);
+    if ((init || timeouts_ms) && fc_check_timeouts(timeouts_ms) != PYLB_OK)
+        return PYLB_EINVAL;
+
+    uint64_t n_sets = fc_sets_for(capacity);
+    struct fc_header *h = mem;
+    if (init) {
+        fc_init(mem, n_sets, timeouts_ms);
+    } else if (__atomic_load_n(&h->magic, __ATOMIC_ACQUIRE) != FC_MAGIC
+               || h->version != FC_VERSION || h->ways != PYLB_FLOW_CACHE_WAYS
+               || h->entry_size != sizeof(struct fc_entry) || h->n_sets != n_sets
+               || h->capacity != n_sets * PYLB_FLOW_CACHE_WAYS) {
+        return pylb_fail(PYLB_EINVAL, "flow_cache_attach: no flow cache of capacity %llu "
+                         "(version %u) in this memory", (unsigned long long)capacity,
+                         FC_VERSION);
+    }
+
+    struct pylb_flow_cache *c = calloc(1, sizeof(*c));
+    if (!c)
+        return pylb_fail(PYLB_ENOMEM, "flow_cache_attach: no memory for the handle");
+    fc_layout(c, mem, n_sets);
+    c->owner = FC_CALLER;
+    if (!init && timeouts_ms)
+        pylb_flow_cache_set_timeouts(c, timeouts_ms);
+    *out = c;
+    return PYLB_OK;
+}
+
+PYLB_API int pylb_flow_cache_create(uint64_t capacity, const uint32_t timeouts_ms[4],
+                                    struct pylb_flow_cache **out)
+{
+    if (!out)
+        return pylb_fail(PYLB_EINVAL, "flow_cache_create: out is NULL");
+    size_t len = pylb_flow_cache_footprint(capacity);
+    if (len == 0)
+        return pylb_fail(PYLB_EINVAL, "flow_cache_create: capacity %llu not in 1..%llu",
+                         (unsigned long long)capacity, FC_MAX_CAPACITY);
+    if (fc_check_timeouts(timeouts_ms) != PYLB_OK)
+        return PYLB_EINVAL;
+
+    void *mem;
+    enum fc_owner owner;
+    if (pylb_eal_running()) {
+        mem = rte_zmalloc("pylb_flow_cache", len, FC_LINE);
+        owner = FC_RTE;
+    } else {
+        /* Page-aligned and zero-filled lazily; transparent huge pages, where
+         * allowed, spare the TLB misses of a table that is read at random. */
+        mem = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (mem == MAP_FAILED)
+            mem = NULL;
+        else
+            madvise(mem, len, MADV_HUGEPAGE);
+        owner = FC_MMAP;
+    }
+    if (!mem)
+        return pylb_fail(PYLB_ENOMEM, "flow_cache_create: cannot allocate %zu bytes", len);
+
+    struct pylb_flow_cache *c;
+    int rc = pylb_flow_cache_attach(mem, len, capacity, 1, timeouts_ms, &c);
+    if (rc != PYLB_OK) {
+        if (owner == FC_RTE)
+            rte_free(mem);
+        else
+            munmap(mem, len);
+        return rc;
+    }
+    c->mem = mem;
+    c->len = len;
+    c->owner = owner;
+    *out = c;
+    return PYLB_OK;
+}
+
+PYLB_API void pylb_flow_cache_destroy(struct pylb_flow_cache *c)
+{
+    if (!c)
+        return;
+    if (c->owner == FC_RTE)
+        rte_free(c->mem);
+    else if (c->owner == FC_MMAP)
+        munmap(c->mem, c->len);
+    free(c);
+}
+
+PYLB_API int pylb_flow_cache_set_timeouts(struct pylb_flow_cache *c, const uint32_t timeouts_ms[4])
+{
+    if (!c)
+        return pylb_fail(PYLB_EINVAL, "flow_cache_set_timeouts: cache is NULL");
+    if (fc_check_timeouts(timeouts_ms) != PYLB_OK)
+        return PYLB_EINVAL;
+    /* Each class changes atomically; a lookup may briefly mix old and new
+     * classes, which only moves an expiry by the difference. */
+    for (int i = 0; i < 4; i++)
+        STORE(&c->hdr->timeouts_ms[i], timeouts_ms[i]);
+    return PYLB_OK;
+}
+
 PYLB_API int pylb_flow_cache_lookup(struct pylb_flow_cache *c, const struct pylb_flow_key *key,
-                           uint64_t flow_id, uint32_t now_ms, uint8_t tcp_flags, uint32_t *backend) { return 0; }
+                                    uint64_t flow_id, uint32_t now_ms, uint8_t tcp_flags,
+                                    uint32_t *backend)
+{
+    if (PYLB_UNLIKELY(!c || !key || !backend))
+        return pylb_fail(PYLB_EINVAL, "flow_cache_lookup: NULL argument");
+    struct fc_entry *set = fc_set(c, flow_id);
+    /* The whole set is 8 adjacent lines: ask for all now, so a miss costs one
+     * memory latency rather than eight. Read intent: a write-intent prefetch
+     * would take the lines away from the other cores that read them. */
+    for (int w = 0; w < PYLB_FLOW_CACHE_WAYS; w++)
+        __builtin_prefetch(set + w, 0, 3);
+
+    uint64_t k[FC_KEY_WORDS];
+    fc_load_key(k, key);
+    for (int w = 0; w < PYLB_FLOW_CACHE_WAYS; w++) {
+        struct fc_entry *e = set + w;
+        for (int attempt = 0; attempt < FC_SPINS; attempt++) {
+            /* Cheap rejection without a snapshot: a flow id differing from
+             * ours in any state of this entry means it is not our flow now
+             * (refresh and replace never rewrite flow_id). */
+            if (LOAD(&e->flow_id) != flow_id)
+                break;
+            struct fc_snap s;
+            if (!fc_snapshot(e, &s))
+                break;
+            if (!s.used || s.flow_id != flow_id || !fc_key_eq(s.key, k)
+                || !fc_live(c->hdr, s.last_seen, s.tclass, now_ms))
+                break;  /* an expired copy: a live one may sit in a later way */
+            uint8_t tclass = s.tclass;
+            if (tclass == PYLB_TO_TCP && (tcp_flags & (TCP_FIN | TCP_RST)))
+                tclass = PYLB_TO_TCP_CLOSING;
+            /* Write the shared line only for a newer stamp or a new class:
+             * most packets of a busy flow arrive within the same ms. */
+            if ((int32_t)(now_ms - s.last_seen) > 0 || tclass != s.tclass) {
+                if (!fc_claim(e, s.seq))
+                    continue;  /* someone wrote it meanwhile: look again */
+                if ((int32_t)(now_ms - s.last_seen) > 0)
+                    STORE(&e->last_seen, now_ms);
+                STORE(&e->tclass, tclass);
+                fc_publish(e, s.seq + 1);
+            }
+            *backend = s.backend;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/*
+ * After writing our key into a claimed entry: is the same key live, or being
+ * written, in another way of the set? The seq_cst fence before this scan and
+ * the one of a concurrent inserter form a Dekker pair: of two writers putting
+ * the same key into two ways, at least one sees the other's whole key.
+ * Returns 1 when we must back off.
+ */
+static int fc_conflict(const struct pylb_flow_cache *c, struct fc_entry *set, int mine,
+                       const uint64_t k[FC_KEY_WORDS], uint64_t flow_id, uint32_t now_ms)
+{
+    for (int w = 0; w < PYLB_FLOW_CACHE_WAYS; w++) {
+        struct fc_entry *e = set + w;
+        if (w == mine)
+            continue;
+        for (int spin = 0;; spin++) {
+            uint32_t seq = LOAD(&e->seq);
+            uint64_t other[FC_KEY_WORDS];
+            for (int i = 0; i < FC_KEY_WORDS; i++)
+                other[i] = LOAD(&e->key[i]);
+            if (LOAD(&e->flow_id) != flow_id || !fc_key_eq(other, k))
+                break;
+            if (!(seq & 1)) {
+                if (LOAD(&e->used)
+                    && fc_live(c->hdr, LOAD(&e->last_seen), LOAD(&e->tclass), now_ms))
+                    return 1;
+                break;
+            }
+            /* Odd with our key: a writer on the same flow. The lower way
+             * wins: we yield to it, and wait for a higher one, which yields
+             * to us if it saw us, or else publishes and we then yield. */
+            if (w < mine || spin >= FC_SPINS)
+                return 1;
+            fc_pause();
+        }
+    }
+    return 0;
+}
+
 PYLB_API int pylb_flow_cache_insert(struct pylb_flow_cache *c, const struct pylb_flow_key *key,
-                           uint64_t flow_id, uint32_t backend, uint32_t now_ms, uint8_t timeout_class) { return PYLB_EFULL; }
-PYLB_API int pylb_flow_cache_remove(struct pylb_flow_cache *c, const struct pylb_flow_key *key, uint64_t flow_id) { return PYLB_ENOTFOUND; }
-PYLB_API uint64_t pylb_flow_cache_age(struct pylb_flow_cache *c, uint32_t now_ms, uint64_t max_sets) { return 0; }
-PYLB_API uint64_t pylb_flow_cache_count(struct pylb_flow_cache *c, uint32_t now_ms) { return 0; }
-PYLB_API uint64_t pylb_flow_cache_capacity(const struct pylb_flow_cache *c) { return 0; }
+                                    uint64_t flow_id, uint32_t backend, uint32_t now_ms,
+                                    uint8_t timeout_class)
+{
+    if (!c || !key)
+        return pylb_fail(PYLB_EINVAL, "flow_cache_insert: NULL argument");
+    if (timeout_class > PYLB_TO_OTHER)
+        return pylb_fail(PYLB_EINVAL, "flow_cache_insert: timeout class %u", timeout_class);
+    struct fc_entry *set = fc_set(c, flow_id);
+    uint64_t k[FC_KEY_WORDS];
+    fc_load_key(k, key);
+
+    for (int attempt = 0; attempt < FC_INSERT_ATTEMPTS; attempt++) {
+        int free_way = -1, busy = 0;
+        uint32_t free_seq = 0;
+        for (int w = 0; w < PYLB_FLOW_CACHE_WAYS; w++) {
+            struct fc_snap s;
+            if (!fc_snapshot(set + w, &s)) {
+                busy++;
+                continue;
+            }
+            int same = s.flow_id == flow_id && fc_key_eq(s.key, k);
+            if (s.used && fc_live(c->hdr, s.last_seen, s.tclass, now_ms)) {
+                if (!same)
+                    continue;
+                /* Replace in place: the key is already there, no new copy. */
+                if (!fc_claim(set + w, s.seq))
+                    goto retry;
+                STORE(&set[w].backend, backend);
+                STORE(&set[w].tclass, timeout_class);
+                STORE(&set[w].last_seen, now_ms);
+                fc_publish(set + w, s.seq + 1);
+                return PYLB_OK;
+            }
+            /* Prefer our own expired copy, so no stale twin lingers. */
+            if (free_way < 0 || same) {
+                free_way = w;
+                free_seq = s.seq;
+            }
+        }
+        if (free_way < 0) {
+            if (busy)
+                goto retry;
+            return pylb_fail(PYLB_EFULL, "flow_cache_insert: set %llu holds %d live flows",
+                             (unsigned long long)(flow_id & c->set_mask), PYLB_FLOW_CACHE_WAYS);
+        }
+
+        struct fc_entry *e = set + free_way;
+        if (!fc_claim(e, free_seq))
+            goto retry;
+        STORE(&e->flow_id, flow_id);
+        for (int i = 0; i < FC_KEY_WORDS; i++)
+            STORE(&e->key[i], k[i]);
+        STORE(&e->backend, backend);
+        STORE(&e->last_seen, now_ms);
+        STORE(&e->tclass, timeout_class);
+        STORE(&e->used, 1);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (fc_conflict(c, set, free_way, k, flow_id, now_ms)) {
+            STORE(&e->used, 0);
+            fc_publish(e, free_seq + 1);
+            goto retry;
+        }
+        fc_publish(e, free_seq + 1);
+        return PYLB_OK;
+retry:
+        /* The holder of an odd entry may be a preempted thread (cores can
+         * be shared): after a few quick tries, let it run. */
+        if (attempt < 4)
+            fc_pause();
+        else
+            sched_yield();
+    }
+    return pylb_fail(PYLB_EFULL, "flow_cache_insert: set %llu contended",
+                     (unsigned long long)(flow_id & c->set_mask));
+}
+
+/* Frees one entry if it is still what snapshot s saw; 0 if it changed. */
+static int fc_free(struct fc_entry *e, const struct fc_snap *s)
+{
+    if (!fc_claim(e, s->seq))
+        return 0;
+    STORE(&e->used, 0);
+    fc_publish(e, s->seq + 1);
+    return 1;
+}
+
+PYLB_API int pylb_flow_cache_remove(struct pylb_flow_cache *c, const struct pylb_flow_key *key,
+                                    uint64_t flow_id)
+{
+    if (!c || !key)
+        return pylb_fail(PYLB_EINVAL, "flow_cache_remove: NULL argument");
+    struct fc_entry *set = fc_set(c, flow_id);
+    uint64_t k[FC_KEY_WORDS];
+    fc_load_key(k, key);
+    int removed = 0;
+    /* Every copy, expired ones included: none may come back to life through
+     * a clock that runs backwards relative to its stamp. */
+    for (int w = 0; w < PYLB_FLOW_CACHE_WAYS; w++) {
+        for (int attempt = 0; attempt < FC_SPINS; attempt++) {
+            struct fc_snap s;
+            if (!fc_snapshot(set + w, &s) || !s.used || s.flow_id != flow_id
+                || !fc_key_eq(s.key, k))
+                break;
+            if (fc_free(set + w, &s)) {
+                removed = 1;
+                break;
+            }
+        }
+    }
+    return removed ? PYLB_OK : pylb_fail(PYLB_ENOTFOUND, "flow_cache_remove: no such flow");
+}
+
+PYLB_API uint64_t pylb_flow_cache_age(struct pylb_flow_cache *c, uint32_t now_ms, uint64_t max_sets)
+{
+    if (!c || max_sets == 0)
+        return 0;
+    uint64_t n_sets = c->set_mask + 1;
+    if (max_sets > n_sets)
+        max_sets = n_sets;
+    /* Handles in several processes share the cursor and so split the sweep
+     * instead of repeating it. */
+    uint64_t first = __atomic_fetch_add(&c->hdr->age_cursor, max_sets, __ATOMIC_RELAXED);
+    uint64_t freed = 0;
+    for (uint64_t i = 0; i < max_sets; i++) {
+        struct fc_entry *set = c->entries + ((first + i) & c->set_mask) * PYLB_FLOW_CACHE_WAYS;
+        for (int w = 0; w < PYLB_FLOW_CACHE_WAYS; w++) {
+            struct fc_snap s;
+            if (LOAD(&set[w].used) && fc_snapshot(set + w, &s) && s.used
+                && !fc_live(c->hdr, s.last_seen, s.tclass, now_ms))
+                freed += (uint64_t)fc_free(set + w, &s);
+        }
+    }
+    return freed;
+}
+
+PYLB_API uint64_t pylb_flow_cache_count(struct pylb_flow_cache *c, uint32_t now_ms)
+{
+    if (!c)
+        return 0;
+    uint64_t live = 0, n = (c->set_mask + 1) * PYLB_FLOW_CACHE_WAYS;
+    for (uint64_t i = 0; i < n; i++) {
+        struct fc_snap s;
+        if (LOAD(&c->entries[i].used) && fc_snapshot(c->entries + i, &s) && s.used
+            && fc_live(c->hdr, s.last_seen, s.tclass, now_ms))
+            live++;
+    }
+    return live;
+}
+
+PYLB_API uint64_t pylb_flow_cache_capacity(const struct pylb_flow_cache *c)
+{
+    return c ? c->hdr->capacity : 0;
+}

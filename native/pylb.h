@@ -223,9 +223,11 @@ int pylb_encap_write(const struct pylb_encap_params *p, uint8_t *buf, uint32_t o
 
 /* ------------------------------------------------------------------ dataplane */
 
-/* A backend in the compiled configuration; its index is its backend id. */
+/* A backend in the compiled configuration; its index is its backend id. Ids
+ * stay the same across configurations (flow caches hold them). */
 struct pylb_dp_backend {
     struct pylb_ip addr;
+    uint32_t vip;             /* index of its VIP (encapsulation), or PYLB_NO_BACKEND */
     uint8_t weight_zero;      /* drained: keeps established flows only */
     uint8_t pad[3];
 };
@@ -439,7 +441,6 @@ struct pylb_stats {
     uint64_t idle_sleeps;
 };
 
-/* Per-VIP, per-backend counters: packets forwarded to each backend id. */
 struct pylb_worker;
 int pylb_worker_create(const struct pylb_worker_conf *conf, struct pylb_worker **out);
 /* Drops every held packet, flushes TX and frees the worker. */
@@ -461,8 +462,8 @@ int pylb_worker_apply(struct pylb_worker *w, const struct pylb_verdict *v, uint3
 /* Flushes the TX buffer now. */
 int pylb_worker_flush(struct pylb_worker *w);
 int pylb_worker_stats(const struct pylb_worker *w, struct pylb_stats *out);
-/* Packets and bytes forwarded per backend id (arrays of n entries, n >= the
- * dataplane's n_backends; extra entries are zeroed). */
+/* Packets and bytes forwarded per backend id since the worker started (ids
+ * are stable across dataplanes). Entries past the known ids read zero. */
 int pylb_worker_backend_counts(const struct pylb_worker *w, uint64_t *packets,
                                uint64_t *bytes, uint32_t n);
 /* Sends an ARP request / neighbour solicitation for ip now. */

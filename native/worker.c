@@ -407,12 +407,17 @@ PYLB_API int pylb_worker_set_dataplane(struct pylb_worker *w, struct pylb_datapl
     if (w->st.held_now)
         return pylb_fail(PYLB_ESTATE, "set_dataplane: %llu packets still wait for a verdict",
                          (unsigned long long)w->st.held_now);
-    uint32_t n = dp->n_backends ? dp->n_backends : 1;
+    /* Backend ids are stable across configurations: counts carry over. */
+    uint32_t n = RTE_MAX(dp->n_backends, RTE_MAX(w->n_be, 1u));
     uint64_t *p = calloc(n, sizeof(uint64_t)), *b = calloc(n, sizeof(uint64_t));
     if (p == NULL || b == NULL) {
         free(p);
         free(b);
         return pylb_fail(PYLB_ENOMEM, "set_dataplane: out of memory");
+    }
+    if (w->n_be) {
+        memcpy(p, w->be_packets, w->n_be * sizeof(uint64_t));
+        memcpy(b, w->be_bytes, w->n_be * sizeof(uint64_t));
     }
     free(w->be_packets);
     free(w->be_bytes);

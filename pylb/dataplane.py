@@ -30,7 +30,7 @@ class BackendRef:
     name: str
     address: ipaddress.IPv4Address | ipaddress.IPv6Address
     weight: int
-    active: bool          # in the current backend set (False: only in the previous one)
+    active: bool          # in the current configuration (False: left; cached flows still reach it)
 
 
 @dataclass(frozen=True)
@@ -64,41 +64,64 @@ def _mac_bytes(mac: str) -> bytes:
     return bytes(int(x, 16) for x in mac.split(":"))
 
 
+class BackendRegistry:
+    """Stable backend ids. Flow caches hold ids, so an id keeps meaning the same
+    (VIP, backend name, address) for the life of the balancer: a backend that
+    leaves the configuration keeps its id and address, and cached flows still
+    reach it until they end. Ids are not reused."""
+
+    def __init__(self):
+        self._ids: dict[tuple, int] = {}
+        self.entries: list[tuple[str, str, object]] = []    # id -> (vip, name, address)
+
+    def id_for(self, vip: str, name: str, address) -> int:
+        key = (vip, name, ipaddress.ip_address(address))
+        if key not in self._ids:
+            self._ids[key] = len(self.entries)
+            self.entries.append(key)
+        return self._ids[key]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
 class Dataplane:
     """A compiled configuration. The worker that uses it owns it once set; a
     Dataplane never set on a worker is freed by close()."""
 
-    def __init__(self, config: Config, generation: int, previous: "Dataplane | None" = None,
-                 current: dict[str, VipTables] | None = None):
-        """previous: the generation this one replaces; its current tables become
-        this one's previous tables. current: tables built already (else Maglev)."""
+    def __init__(self, config: Config, generation: int, registry: BackendRegistry | None = None,
+                 previous: "Dataplane | None" = None, current: dict[str, VipTables] | None = None):
+        """registry: the balancer's backend ids (a fresh one if None). previous:
+        the generation this one replaces; its current tables become this one's
+        previous tables. current: tables built already (else Maglev)."""
         self._dp = None
         self.config = config
         self.generation = generation
+        self.registry = registry if registry is not None else BackendRegistry()
         self.tables: dict[str, VipTables] = {}
-        self.previous: dict[str, VipTables] = dict(previous.tables) if previous else {}
-        self._prior_refs = previous.backends if previous else []
-        self.backends: list[BackendRef] = []
-        self.vip_names: list[str] = []
+        self.previous: dict[str, VipTables] = {}
+        prior = {(r.vip, r.name): r.address for r in previous.backends} if previous else {}
         c_tables = []
-        c_backends = []
         vips = ffi.new("struct pylb_dp_vip[]", len(config.vips))
         track_all = config.balancer.flow_cache.track == "all"
+        weights: dict[int, int] = {}
         for i, vip in enumerate(config.vips):
             cur = (current or {}).get(vip.name) or VipTables.build(vip)
             self.tables[vip.name] = cur
-            prev = self.previous.get(vip.name)
-            ids = self._assign_ids(vip, prev, c_backends)
-            cur_ids = ffi.new("uint32_t[]", [ids[cur.names[t]] if t != NO_BACKEND else NO_BACKEND
-                                             for t in cur.table])
-            c_tables.append(cur_ids)
+            addresses = {b.name: b.address for b in vip.backends}
+            ids = {}
+            for b in vip.backends:
+                ids[b.name] = self.registry.id_for(vip.name, b.name, b.address)
+                weights[ids[b.name]] = b.weight
             v = vips[i]
-            v.current = cur_ids
+            v.current = self._ids_table(cur, ids, c_tables)
+            prev = previous.tables.get(vip.name) if previous else None
             if prev is not None:
-                prev_ids = ffi.new("uint32_t[]", [ids[prev.names[t]] if t != NO_BACKEND
-                                                  else NO_BACKEND for t in prev.table])
-                c_tables.append(prev_ids)
-                v.previous = prev_ids
+                self.previous[vip.name] = prev
+                for name in prev.names:
+                    if name not in ids:
+                        ids[name] = self.registry.id_for(vip.name, name, prior[(vip.name, name)])
+                v.previous = self._ids_table(prev, ids, c_tables)
             ip_to_c(vip.address, v.addr)
             v.proto = vip.protocol_number
             v.port = vip.port or 0
@@ -109,30 +132,20 @@ class Dataplane:
             v.encap.udp_dport = vip.encap.udp_port()
             v.encap.vni = vip.encap.vni
             ffi.memmove(v.encap.inner_mac, _mac_bytes(vip.encap.inner_mac), 6)
-            self.vip_names.append(vip.name)
-        self._compile(config, vips, c_backends)
+        self.vip_names = [v.name for v in config.vips]
+        vip_index = {name: i for i, name in enumerate(self.vip_names)}
+        self.backends = [BackendRef(i, vip, name, address, weights.get(i, 0), i in weights)
+                         for i, (vip, name, address) in enumerate(self.registry.entries)]
+        self._compile(config, vips, vip_index)
 
-    def _assign_ids(self, vip: Vip, prev: VipTables | None, c_backends: list) -> dict[str, int]:
-        ids = {}
-        by_name = {b.name: b for b in vip.backends}
-        names = list(by_name) + [n for n in (prev.names if prev else ()) if n not in by_name]
-        for name in names:
-            b = by_name.get(name)
-            address = b.address if b else self._previous_address(vip.name, name)
-            ref = BackendRef(len(self.backends), vip.name, name, address, b.weight if b else 0,
-                             b is not None)
-            ids[name] = ref.id
-            self.backends.append(ref)
-            c_backends.append((address, ref.weight == 0))
-        return ids
+    @staticmethod
+    def _ids_table(tables: VipTables, ids: dict[str, int], keep: list):
+        c = ffi.new("uint32_t[]", [ids[tables.names[t]] if t != NO_BACKEND else NO_BACKEND
+                                   for t in tables.table])
+        keep.append(c)
+        return c
 
-    def _previous_address(self, vip: str, name: str):
-        for ref in self._prior_refs:
-            if ref.vip == vip and ref.name == name:
-                return ref.address
-        raise StateError(f"VIP {vip}: backend {name} of the previous generation is unknown")
-
-    def _compile(self, config: Config, vips, c_backends) -> None:
+    def _compile(self, config: Config, vips, vip_index: dict[str, int]) -> None:
         data = config.balancer.data
         conf = ffi.new("struct pylb_dp_conf *")
         conf.generation = self.generation
@@ -149,11 +162,12 @@ class Dataplane:
             ip_to_c(data.gateway_v6, conf.gateway_v6)
         conf.exception_policy = 1 if data.exception.policy == "tap" else 0
         conf.mtu = data.mtu
-        backends = ffi.new("struct pylb_dp_backend[]", max(1, len(c_backends)))
-        for i, (address, drained) in enumerate(c_backends):
-            ip_to_c(address, backends[i].addr)
-            backends[i].weight_zero = int(drained)
-        conf.n_backends = len(c_backends)
+        backends = ffi.new("struct pylb_dp_backend[]", max(1, len(self.backends)))
+        for ref in self.backends:
+            ip_to_c(ref.address, backends[ref.id].addr)
+            backends[ref.id].vip = vip_index.get(ref.vip, NO_BACKEND)
+            backends[ref.id].weight_zero = int(ref.weight == 0)
+        conf.n_backends = len(self.backends)
         conf.backends = backends
         conf.n_vips = len(config.vips)
         conf.vips = vips
