@@ -1,0 +1,138 @@
+"""The Python face of the shim's packet functions (native/parse.c, native/encap.c).
+
+For tests, tools and the demo; the worker calls the C functions directly on
+mbufs. Nothing here is on the fast path.
+"""
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass
+
+from pylb._ffi import check, ffi, ip_from_c, ip_to_c, lib
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class ParseResult(enum.IntEnum):
+    OK = lib.PYLB_PARSE_OK
+    NOT_IP = lib.PYLB_PARSE_NOT_IP
+    TRUNCATED = lib.PYLB_PARSE_TRUNCATED
+    BAD_HEADER = lib.PYLB_PARSE_BAD_HEADER
+
+
+class L3(enum.IntEnum):
+    NONE = lib.PYLB_L3_NONE
+    ARP = lib.PYLB_L3_ARP
+    IPV4 = lib.PYLB_L3_IPV4
+    IPV6 = lib.PYLB_L3_IPV6
+
+
+class ParseFlag(enum.IntFlag):
+    VLAN = lib.PYLB_PF_VLAN
+    FRAGMENT = lib.PYLB_PF_FRAGMENT
+    LATER_FRAGMENT = lib.PYLB_PF_LATER_FRAGMENT
+    IP_OPTIONS = lib.PYLB_PF_IP_OPTIONS
+    HAS_L4 = lib.PYLB_PF_HAS_L4
+
+
+class EncapKind(enum.IntEnum):
+    IPIP = lib.PYLB_ENCAP_IPIP
+    VXLAN = lib.PYLB_ENCAP_VXLAN
+    GUE = lib.PYLB_ENCAP_GUE
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """struct pylb_parsed with its result. src/dst are the ARP sender and target
+    for ARP; None unless the frame parsed OK as IP or ARP."""
+
+    result: ParseResult
+    l3: L3
+    l4_proto: int
+    tcp_flags: int
+    ttl: int
+    flags: ParseFlag
+    vlan_tci: int
+    l2_len: int
+    l3_len: int
+    l3_total: int
+    tos: int
+    df: int
+    icmp_type: int
+    icmp_code: int
+    src: Address | None
+    dst: Address | None
+    sport: int
+    dport: int
+    key: bytes  # the 40-byte struct pylb_flow_key, the input of the flow id
+
+
+def parse(frame: bytes) -> Parsed:
+    out = ffi.new("struct pylb_parsed *")
+    result = ParseResult(lib.pylb_parse(frame, len(frame), out))
+    has_addr = result == ParseResult.OK and out.l3 != L3.NONE
+    return Parsed(
+        result=result, l3=L3(out.l3), l4_proto=out.l4_proto, tcp_flags=out.tcp_flags,
+        ttl=out.ttl, flags=ParseFlag(out.flags), vlan_tci=out.vlan_tci,
+        l2_len=out.l2_len, l3_len=out.l3_len, l3_total=out.l3_total, tos=out.tos,
+        df=out.df, icmp_type=out.icmp_type, icmp_code=out.icmp_code,
+        src=ip_from_c(out.key.src) if has_addr else None,
+        dst=ip_from_c(out.key.dst) if has_addr else None,
+        sport=out.key.sport, dport=out.key.dport,
+        key=bytes(ffi.buffer(ffi.addressof(out, "key"), ffi.sizeof("struct pylb_flow_key"))),
+    )
+
+
+def _mac(value: str | bytes) -> bytes:
+    raw = bytes.fromhex(value.replace(":", "")) if isinstance(value, str) else bytes(value)
+    if len(raw) != 6:
+        raise ValueError(f"not a MAC address: {value!r}")
+    return raw
+
+
+@dataclass(frozen=True)
+class EncapParams:
+    """struct pylb_encap_params. MACs as "aa:bb:..." or 6 bytes."""
+
+    kind: EncapKind
+    src: str | Address
+    dst: str | Address
+    src_mac: str | bytes
+    dst_mac: str | bytes
+    ttl: int = 64
+    mtu: int = 1500
+    udp_dport: int = 4789
+    vni: int = 0
+    inner_mac: str | bytes = "00:00:00:00:00:00"
+
+    def to_c(self):
+        p = ffi.new("struct pylb_encap_params *")
+        p.kind, p.ttl, p.mtu = self.kind, self.ttl, self.mtu
+        p.udp_dport, p.vni = self.udp_dport, self.vni
+        ip_to_c(self.src, p.src)
+        ip_to_c(self.dst, p.dst)
+        for field in ("src_mac", "dst_mac", "inner_mac"):
+            ffi.memmove(getattr(p, field), _mac(getattr(self, field)), 6)
+        return p
+
+
+def overhead(params: EncapParams, inner_l3: int) -> int:
+    """Bytes the outer headers add (Ethernet included); 0 when params are invalid."""
+    return lib.pylb_encap_overhead(params.to_c(), inner_l3)
+
+
+def encapsulate(inner_ip: bytes, params: EncapParams, flow_id: int,
+                headroom: int | None = None) -> bytes:
+    """The outer Ethernet frame around inner_ip. Raises TooBig over the MTU,
+    Full when headroom (default: exactly the overhead) is too small,
+    InvalidArgument for wrong params."""
+    inner_l3 = inner_ip[0] >> 4 if inner_ip else 0
+    c_params = params.to_c()
+    need = lib.pylb_encap_overhead(c_params, inner_l3)
+    room = need if headroom is None else headroom
+    buf = ffi.new("uint8_t[]", room + len(inner_ip))
+    ffi.memmove(buf + room, inner_ip, len(inner_ip))
+    written = check(lib.pylb_encap_write(c_params, buf, room, len(inner_ip), inner_l3, flow_id),
+                    "encapsulate")
+    return bytes(ffi.buffer(buf + room - written, written + len(inner_ip)))
