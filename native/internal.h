@@ -38,6 +38,9 @@ static inline void pylb_ip_from_v4(struct pylb_ip *ip, const uint8_t v4[4])
     memcpy(ip->b + 12, v4, 4);
 }
 
+/* The flow id's mixing over any bytes (flow_id.c); Maglev hashes names with it. */
+uint64_t pylb_hash_bytes(const uint8_t *data, size_t len, uint64_t seed);
+
 /* 1 once pylb_eal_init succeeded (rte_malloc and mempools usable). */
 int pylb_eal_running(void);
 

@@ -9,7 +9,6 @@
 #include "internal.h"
 
 /* flow_id.c: the flow id's mixing over a byte string. */
-uint64_t pylb_hash_bytes(const uint8_t *data, size_t len, uint64_t seed);
 
 #define OFFSET_SEED 0x6f2d76656c67616dULL   /* "maglev-o", little-endian */
 #define SKIP_SEED 0x732d76656c67616dULL     /* "maglev-s" */

@@ -141,6 +141,29 @@ def run(ctx: click.Context, config_file: str, duration: float | None) -> None:
         raise click.ClickException(str(err)) from None
 
 
+@main.command("gen-pcap")
+@click.option("--config", "config_file", required=True, type=click.Path(dir_okay=False))
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False))
+@click.option("--flows", type=int, default=1000, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--dst-mac", default="02:00:00:00:00:01", show_default=True,
+              help="Ethernet destination of the frames (the balancer's port).")
+def gen_pcap(config_file: str, out_file: str, flows: int, seed: int, dst_mac: str) -> None:
+    """Writes a pcap of generated flows to the configuration's VIPs (SYN, data,
+    FIN for TCP; three datagrams for UDP), e.g. to feed the pcap PMD."""
+    import random
+
+    from pylb import pcap, traffic
+    cfg = _load(config_file)
+    vips = [(v.name, str(v.address), v.protocol_number, v.port or 80) for v in cfg.vips]
+    frames = []
+    for f in traffic.make_flows(vips, flows, random.Random(seed)):
+        kinds = ["S", "PA", "FA"] if f.proto == 6 else ["U", "U", "U"]
+        frames += f.frames(dst_mac, "02:00:00:00:00:c1", kinds)
+    pcap.write(out_file, frames)
+    click.echo(f"{out_file}: {len(frames)} frames of {flows} flows")
+
+
 @main.command()
 @click.option("--flows", type=int, default=5000, show_default=True, help="TCP/UDP flows per run.")
 @click.option("--seed", type=int, default=1, show_default=True, help="Traffic generator seed.")
