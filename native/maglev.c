@@ -8,8 +8,6 @@
 #include <stdlib.h>
 #include "internal.h"
 
-/* flow_id.c: the flow id's mixing over a byte string. */
-
 #define OFFSET_SEED 0x6f2d76656c67616dULL   /* "maglev-o", little-endian */
 #define SKIP_SEED 0x732d76656c67616dULL     /* "maglev-s" */
 

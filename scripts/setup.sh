@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 say() { printf 'setup: %s\n' "$*"; }
 
-APT_PACKAGES=(libdpdk-dev dpdk pkg-config libpcap-dev cmake gcc make python3-venv
+APT_PACKAGES=(libdpdk-dev dpdk pkg-config libpcap-dev cmake gcc make python3 python3-dev python3-venv
               iproute2 nftables tcpdump)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -1,0 +1,109 @@
+"""The configuration schema: good files load, bad ones name the field and the reason."""
+from __future__ import annotations
+
+import copy
+import pathlib
+
+import pytest
+
+from pylb import config
+from pylb.errors import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+GOOD = {
+    "balancer": {"name": "lb1", "data": {"device": "ring:x", "address_v4": "203.0.113.1"}},
+    "vips": [{"name": "web", "address": "192.0.2.10", "port": 80,
+              "backends": [{"name": "a", "address": "203.0.113.11"},
+                           {"name": "b", "address": "203.0.113.12", "weight": 3}]}],
+}
+
+
+def mutate(path: str, value):
+    """GOOD with the field at a dotted path (list indices as numbers) set to value;
+    value None deletes it."""
+    data = copy.deepcopy(GOOD)
+    *parents, last = path.split(".")
+    node = data
+    for p in parents:
+        node = node[int(p)] if p.isdigit() else node[p]
+    key = int(last) if last.isdigit() else last
+    if value is None:
+        del node[key]
+    else:
+        node[key] = value
+    return data
+
+
+def test_good_config_has_documented_defaults():
+    cfg = config.parse(GOOD)
+    assert cfg.balancer.workers == 1
+    assert cfg.balancer.flow_cache.track == "all"
+    assert cfg.vips[0].table_size == 65537
+    assert cfg.vips[0].encap.type == "ipip"
+    assert cfg.vips[0].backends[0].weight == 1
+    assert cfg.balancer.timeouts.as_ms() == [300_000, 10_000, 30_000, 30_000]
+
+
+@pytest.mark.parametrize("path,value,expect", [
+    ("balancer.name", "", "balancer.name"),
+    ("balancer.data.device", None, "balancer.data.device"),
+    ("balancer.data.address_v4", None, "address_v4 or address_v6 is required"),
+    ("balancer.data.address_v4", "300.1.1.1", "balancer.data.address_v4"),
+    ("balancer.data.mtu", 100, "balancer.data.mtu"),
+    ("balancer.data.neighbors", [{"address": "203.0.113.9", "mac": "zz"}], "is not a MAC address"),
+    ("balancer.data.exception", {"policy": "kernel"}, "balancer.data.exception.policy"),
+    ("balancer.flow_cache", {"capacity": 1}, "balancer.flow_cache.capacity"),
+    ("balancer.timeouts", {"tcp": -1}, "balancer.timeouts.tcp"),
+    ("balancer.flow_seed", -5, "balancer.flow_seed"),
+    ("balancer.colour", "blue", "balancer.colour: Extra inputs are not permitted"),
+    ("vips", [], "vips"),
+    ("vips.0.table_size", 65536, "must be a prime"),
+    ("vips.0.protocol", "sctp", "vips.0.protocol"),
+    ("vips.0.port", 70000, "vips.0.port"),
+    ("vips.0.backends", [], "vips.0.backends"),
+    ("vips.0.backends.1.name", "a", "backend names repeat: a"),
+    ("vips.0.backends.1.address", "203.0.113.11", "backend addresses repeat"),
+    ("vips.0.backends.0.weight", -1, "vips.0.backends.0.weight"),
+    ("vips.0.backends.0.address", "2001:db8::5", "balancer.data.address_v6 is not set"),
+    ("vips.0.encap", {"type": "gre"}, "vips.0.encap.type"),
+    ("vips.0.encap", {"type": "vxlan", "vni": 1 << 24}, "vips.0.encap.vni"),
+])
+def test_bad_field_is_named_with_its_reason(path, value, expect):
+    with pytest.raises(ConfigError) as err:
+        config.parse(mutate(path, value), "test.yaml")
+    assert expect in str(err.value)
+    assert str(err.value).startswith("test.yaml")
+
+
+def test_two_vips_on_the_same_address_protocol_and_port_are_refused():
+    data = copy.deepcopy(GOOD)
+    data["vips"].append(dict(data["vips"][0], name="web2"))
+    with pytest.raises(ConfigError, match="share address, protocol and port"):
+        config.parse(data)
+
+
+def test_all_ports_spelling():
+    assert config.parse(mutate("vips.0.port", "all")).vips[0].port is None
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("balancer: [1, 2", "not valid YAML"),
+    ("- just\n- a list\n", "top level must be a mapping"),
+    ("", "top level must be a mapping"),
+])
+def test_unreadable_files(tmp_path, text, expect):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=expect):
+        config.load(p)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="cannot read"):
+        config.load("/nonexistent/pylb.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "examples").glob("*.yaml")))
+def test_examples_are_valid(name):
+    config.load(ROOT / "examples" / name)
