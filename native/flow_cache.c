@@ -12,6 +12,7 @@
  * relaxed ones compile to ordinary loads and stores.
  */
 #include <sched.h>
+#include <stdlib.h>
 #include <sys/mman.h>
 #include <rte_malloc.h>
 #include "internal.h"
@@ -30,6 +31,9 @@
  * that still finds no way through reports PYLB_EFULL ("contended"). */
 #define FC_SPINS 1024
 #define FC_INSERT_ATTEMPTS 64
+/* A hit whose refresh loses the entry to other writers this often is
+ * reported as a miss: the slow path handles it, and the reader moves on. */
+#define FC_LOOKUP_ATTEMPTS 8
 
 #define TCP_FIN 0x01
 #define TCP_RST 0x04
@@ -357,7 +361,7 @@ PYLB_API int pylb_flow_cache_lookup(struct pylb_flow_cache *c, const struct pylb
     fc_load_key(k, key);
     for (int w = 0; w < PYLB_FLOW_CACHE_WAYS; w++) {
         struct fc_entry *e = set + w;
-        for (int attempt = 0; attempt < FC_SPINS; attempt++) {
+        for (int attempt = 0; attempt < FC_LOOKUP_ATTEMPTS; attempt++) {
             /* Cheap rejection without a snapshot: a flow id differing from
              * ours in any state of this entry means it is not our flow now
              * (refresh and replace never rewrite flow_id). */

@@ -171,6 +171,10 @@ static struct rte_mbuf *arp_request(struct pylb_worker *w, const struct pylb_ip 
         return NULL;
     struct rte_ether_hdr *eth = (struct rte_ether_hdr *)rte_pktmbuf_append(
         m, RTE_ETHER_HDR_LEN + sizeof(struct rte_arp_hdr));
+    if (eth == NULL) {
+        rte_pktmbuf_free(m);
+        return NULL;
+    }
     struct rte_arp_hdr *arp = (struct rte_arp_hdr *)(eth + 1);
     memset(eth->dst_addr.addr_bytes, 0xff, 6);
     memcpy(eth->src_addr.addr_bytes, w->mac, 6);
@@ -196,6 +200,10 @@ static struct rte_mbuf *neighbour_solicitation(struct pylb_worker *w, const stru
         return NULL;
     const uint16_t body = 4 + 4 + 16 + 8;
     uint8_t *f = (uint8_t *)rte_pktmbuf_append(m, RTE_ETHER_HDR_LEN + 40 + body);
+    if (f == NULL) {
+        rte_pktmbuf_free(m);
+        return NULL;
+    }
     struct rte_ether_hdr *eth = (struct rte_ether_hdr *)f;
     struct rte_ipv6_hdr *ip6 = (struct rte_ipv6_hdr *)(eth + 1);
     uint8_t *icmp = (uint8_t *)(ip6 + 1);

@@ -33,7 +33,10 @@ static void vdev_name(const char *dev, char *name, size_t size)
 
 static int open_ring_port(struct pylb_port *p, const char *name)
 {
-    char rname[RTE_RING_NAMESIZE];
+    char rname[RTE_RING_NAMESIZE + 8];
+    if (strlen(name) == 0 || strlen(name) + 3 >= RTE_RING_NAMESIZE)
+        return pylb_fail(PYLB_EINVAL, "ring port name '%s': 1 to %d characters", name,
+                         (int)RTE_RING_NAMESIZE - 4);
     snprintf(rname, sizeof(rname), "%s_rx", name);
     p->rx_ring = rte_ring_create(rname, 8192, rte_socket_id(), RING_F_SP_ENQ | RING_F_SC_DEQ);
     snprintf(rname, sizeof(rname), "%s_tx", name);

@@ -1,0 +1,186 @@
+"""The flow cache: flow key -> backend id, lock-free, bounded, aging.
+
+A wrapper over native/flow_cache.c (design in docs/flow-cache.md). The table
+can live in an anonymous shared mapping so that forked worker processes share
+it; each process then uses its own handle on the same memory.
+
+Keys are the 40-byte form of a flow key (``FlowKey.to_bytes()``); the flow id
+is passed in, never recomputed here. Times are milliseconds of a monotonic
+clock, taken modulo 2**32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import mmap
+
+from pylb._ffi import check, ffi, lib
+from pylb.errors import InvalidArgument, StateError
+
+KEY_SIZE = 40
+WAYS = lib.PYLB_FLOW_CACHE_WAYS
+_U32 = 0xFFFFFFFF
+
+
+class TimeoutClass(enum.IntEnum):
+    """How long an idle flow stays cached (see Timeouts)."""
+
+    TCP = lib.PYLB_TO_TCP
+    TCP_CLOSING = lib.PYLB_TO_TCP_CLOSING
+    UDP = lib.PYLB_TO_UDP
+    OTHER = lib.PYLB_TO_OTHER
+
+
+@dataclasses.dataclass(frozen=True)
+class Timeouts:
+    """Idle timeouts in ms per TimeoutClass; each in 1 .. 2**31 - 1."""
+
+    tcp: int = 300_000
+    tcp_closing: int = 10_000
+    udp: int = 30_000
+    other: int = 30_000
+
+    def _to_c(self):
+        return ffi.new("uint32_t[4]", [self.tcp, self.tcp_closing, self.udp, self.other])
+
+
+def footprint_for(capacity: int) -> int:
+    """Bytes of memory a cache of `capacity` flows needs."""
+    size = lib.pylb_flow_cache_footprint(capacity)
+    if size == 0:
+        raise InvalidArgument(f"flow cache capacity {capacity} out of range")
+    return size
+
+
+def _key(key: bytes):
+    if len(key) != KEY_SIZE:
+        raise InvalidArgument(f"flow key must be {KEY_SIZE} bytes, not {len(key)}")
+    return ffi.from_buffer("struct pylb_flow_key *", key)
+
+
+class FlowCache:
+    """A handle on a flow cache. Close it (or use `with`); nothing is freed
+    implicitly. A handle may be used from several threads at once."""
+
+    def __init__(self, capacity: int, timeouts: Timeouts = Timeouts()):
+        out = ffi.new("struct pylb_flow_cache **")
+        check(lib.pylb_flow_cache_create(capacity, timeouts._to_c(), out), "flow cache")
+        self._init(out[0], None, None, owns_memory=False)
+
+    def _init(self, handle, memory, view, owns_memory: bool) -> None:
+        self._handle = handle
+        self._memory = memory
+        self._view = view
+        self._owns_memory = owns_memory
+
+    @classmethod
+    def _on_memory(cls, memory, capacity: int, init: bool, timeouts: Timeouts | None,
+                   owns_memory: bool) -> "FlowCache":
+        view = ffi.from_buffer(memory, require_writable=True)
+        out = ffi.new("struct pylb_flow_cache **")
+        c_timeouts = timeouts._to_c() if timeouts is not None else ffi.NULL
+        try:
+            check(lib.pylb_flow_cache_attach(view, len(view), capacity, int(init), c_timeouts,
+                                             out), "flow cache attach")
+        except BaseException:
+            ffi.release(view)
+            raise
+        self = cls.__new__(cls)
+        self._init(out[0], memory, view, owns_memory)
+        return self
+
+    @classmethod
+    def in_shared_memory(cls, capacity: int, timeouts: Timeouts = Timeouts()) -> "FlowCache":
+        """A cache in an anonymous MAP_SHARED mapping: processes forked after this
+        share it (the inherited handle works in the child)."""
+        memory = mmap.mmap(-1, footprint_for(capacity), flags=mmap.MAP_SHARED)
+        try:
+            return cls._on_memory(memory, capacity, True, timeouts, owns_memory=True)
+        except BaseException:
+            memory.close()
+            raise
+
+    @classmethod
+    def attach(cls, memory, capacity: int, timeouts: Timeouts | None = None) -> "FlowCache":
+        """Another handle on a cache already laid out in `memory` (a writable,
+        64-byte aligned buffer such as an mmap, which must outlive the handle).
+        `timeouts`, when given, replace the shared ones."""
+        return cls._on_memory(memory, capacity, False, timeouts, owns_memory=False)
+
+    @property
+    def memory(self):
+        """The shared mapping of an in_shared_memory or attached cache, else None."""
+        return self._memory
+
+    def close(self) -> None:
+        if self._handle is None:
+            return
+        lib.pylb_flow_cache_destroy(self._handle)
+        self._handle = None
+        if self._view is not None:
+            ffi.release(self._view)
+        if self._owns_memory:
+            self._memory.close()
+        self._memory = self._view = None
+
+    def __enter__(self) -> "FlowCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def handle(self):
+        """The C handle, for other pylb modules (the worker) only."""
+        return self._c()
+
+    def _c(self):
+        if self._handle is None:
+            raise StateError("flow cache is closed")
+        return self._handle
+
+    @property
+    def capacity(self) -> int:
+        """Flows the cache holds: the requested capacity rounded up to a power
+        of two number of sets of WAYS."""
+        return lib.pylb_flow_cache_capacity(self._c())
+
+    @property
+    def footprint(self) -> int:
+        """Bytes of table memory (header included)."""
+        return lib.pylb_flow_cache_footprint(self.capacity)
+
+    def set_timeouts(self, timeouts: Timeouts) -> None:
+        """Changes the timeouts for every handle on this cache."""
+        check(lib.pylb_flow_cache_set_timeouts(self._c(), timeouts._to_c()), "flow cache timeouts")
+
+    def lookup(self, key: bytes, flow_id: int, now_ms: int, tcp_flags: int = 0) -> int | None:
+        """The backend of a live flow (refreshing it; FIN or RST moves TCP to
+        TCP_CLOSING), or None."""
+        backend = ffi.new("uint32_t *")
+        hit = check(lib.pylb_flow_cache_lookup(self._c(), _key(key), flow_id, now_ms & _U32,
+                                               tcp_flags, backend), "flow cache lookup")
+        return backend[0] if hit else None
+
+    def insert(self, key: bytes, flow_id: int, backend: int, now_ms: int,
+               timeout_class: TimeoutClass = TimeoutClass.TCP) -> None:
+        """Caches or replaces a flow. Raises Full when its set holds only live flows."""
+        check(lib.pylb_flow_cache_insert(self._c(), _key(key), flow_id, backend, now_ms & _U32,
+                                         timeout_class), "flow cache insert")
+
+    def remove(self, key: bytes, flow_id: int) -> bool:
+        """Forgets a flow; False if it was not cached."""
+        status = lib.pylb_flow_cache_remove(self._c(), _key(key), flow_id)
+        if status == lib.PYLB_ENOTFOUND:
+            return False
+        check(status, "flow cache remove")
+        return True
+
+    def age(self, now_ms: int, max_sets: int) -> int:
+        """Frees expired flows in up to max_sets sets after the last ones aged;
+        returns how many it freed."""
+        return lib.pylb_flow_cache_age(self._c(), now_ms & _U32, max_sets)
+
+    def count(self, now_ms: int) -> int:
+        """Live flows (a full scan)."""
+        return lib.pylb_flow_cache_count(self._c(), now_ms & _U32)

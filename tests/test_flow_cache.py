@@ -1,0 +1,442 @@
+"""The flow cache (native/flow_cache.c through pylb.flow_cache).
+
+No test reads a clock: every time is an explicit now_ms, so nothing depends on
+the speed of the machine.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import pathlib
+import shutil
+import struct
+import subprocess
+import threading
+import zlib
+
+import pytest
+
+from pylb.errors import Full, InvalidArgument, StateError
+from pylb.flow_cache import FlowCache, TimeoutClass, Timeouts, WAYS, footprint_for
+
+TIMEOUTS = Timeouts(tcp=1000, tcp_closing=100, udp=500, other=200)
+TIMEOUT_OF = {TimeoutClass.TCP: 1000, TimeoutClass.TCP_CLOSING: 100,
+              TimeoutClass.UDP: 500, TimeoutClass.OTHER: 200}
+FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
+HEADER = 128
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def v4(a: int, b: int, c: int, d: int) -> bytes:
+    return b"\x00" * 10 + b"\xff\xff" + bytes((a, b, c, d))
+
+
+def key(i: int, *, src: bytes | None = None, dst: bytes | None = None, sport: int | None = None,
+        dport: int = 80, proto: int = 6) -> bytes:
+    """The 40-byte struct pylb_flow_key of test flow i (ports in host order)."""
+    src = src if src is not None else v4(10, 0, (i >> 8) & 255, i & 255)
+    dst = dst if dst is not None else v4(192, 0, 2, 1)
+    sport = sport if sport is not None else 1024 + (i & 0xFFFF)
+    return struct.pack("=16s16sHHB3x", src, dst, sport, dport, proto)
+
+
+def fid(i: int) -> int:
+    return (i * 0x9E3779B97F4A7C15 + 1) & (2**64 - 1)
+
+
+@pytest.fixture
+def cache():
+    with FlowCache(64, TIMEOUTS) as c:
+        yield c
+
+
+# ------------------------------------------------------------------ basics
+
+STEPS = [
+    # (description, operation, argument, expected)
+    ("miss on an empty cache", "lookup", None, None),
+    ("remove of an absent flow", "remove", None, False),
+    ("insert", "insert", 5, None),
+    ("hit", "lookup", None, 5),
+    ("replace keeps one entry", "insert", 6, None),
+    ("hit sees the new backend", "lookup", None, 6),
+    ("one live flow", "count", None, 1),
+    ("remove", "remove", None, True),
+    ("miss after remove", "lookup", None, None),
+    ("nothing live", "count", None, 0),
+    ("second remove finds nothing", "remove", None, False),
+]
+
+
+def test_insert_lookup_replace_remove(cache):
+    k, f = key(1), fid(1)
+    for description, op, arg, expected in STEPS:
+        if op == "insert":
+            result = cache.insert(k, f, arg, now_ms=10)
+        elif op == "lookup":
+            result = cache.lookup(k, f, now_ms=10)
+        elif op == "remove":
+            result = cache.remove(k, f)
+        else:
+            result = cache.count(now_ms=10)
+        assert result == expected, description
+
+
+@pytest.mark.parametrize("other", [
+    pytest.param(key(1, src=v4(10, 0, 0, 2)), id="src"),
+    pytest.param(key(1, dst=v4(192, 0, 2, 2)), id="dst"),
+    pytest.param(key(1, sport=9), id="sport"),
+    pytest.param(key(1, dport=443), id="dport"),
+    pytest.param(key(1, proto=17), id="proto"),
+    pytest.param(key(1)[:36] + b"\x00\x00\x00\x01", id="last byte"),
+])
+def test_keys_with_the_same_flow_id_do_not_alias(cache, other):
+    same_id = fid(1)
+    cache.insert(key(1), same_id, 100, now_ms=0)
+    assert cache.lookup(other, same_id, now_ms=0) is None
+    cache.insert(other, same_id, 200, now_ms=0)
+    assert cache.lookup(key(1), same_id, now_ms=0) == 100
+    assert cache.lookup(other, same_id, now_ms=0) == 200
+    assert cache.remove(other, same_id)
+    assert cache.lookup(key(1), same_id, now_ms=0) == 100
+
+
+def test_flow_id_selects_the_entry(cache):
+    cache.insert(key(1), fid(1), 100, now_ms=0)
+    assert cache.lookup(key(1), fid(2), now_ms=0) is None
+
+
+@pytest.mark.parametrize("requested,capacity", [
+    (1, 8), (8, 8), (9, 16), (24, 32), (100, 128), (1000, 1024), (1 << 20, 1 << 20),
+])
+def test_capacity_rounds_up_to_a_power_of_two_number_of_sets(requested, capacity):
+    with FlowCache(requested, TIMEOUTS) as c:
+        assert c.capacity == capacity
+        assert c.footprint == footprint_for(requested) == HEADER + 64 * capacity
+
+
+# ------------------------------------------------------------------ aging
+
+@pytest.mark.parametrize("tclass", list(TimeoutClass))
+def test_each_class_ages_by_its_timeout(cache, tclass):
+    timeout = TIMEOUT_OF[tclass]
+    cache.insert(key(1), fid(1), 7, now_ms=1000, timeout_class=tclass)
+    assert cache.count(1000 + timeout - 1) == 1
+    assert cache.count(1000 + timeout) == 0
+    assert cache.lookup(key(1), fid(1), now_ms=1000 + timeout) is None
+
+
+def test_a_hit_refreshes_last_seen(cache):
+    cache.insert(key(1), fid(1), 7, now_ms=0)
+    assert cache.lookup(key(1), fid(1), now_ms=999) == 7
+    assert cache.count(1998) == 1
+    assert cache.count(1999) == 0
+
+
+def test_an_older_clock_neither_expires_nor_rewinds(cache):
+    """Another thread's now may lag behind the stamp a hit just wrote."""
+    cache.insert(key(1), fid(1), 7, now_ms=500)
+    assert cache.lookup(key(1), fid(1), now_ms=490) == 7
+    assert cache.count(1499) == 1
+    assert cache.count(1500) == 0
+
+
+def test_times_wrap_modulo_2_32(cache):
+    start = 2**32 - 300
+    cache.insert(key(1), fid(1), 7, now_ms=start)
+    assert cache.lookup(key(1), fid(1), now_ms=200) == 7  # 500 ms later
+    assert cache.count(1199) == 1
+    assert cache.count(1200) == 0
+
+
+@pytest.mark.parametrize("tclass,flags,closing", [
+    (TimeoutClass.TCP, FIN, True),
+    (TimeoutClass.TCP, RST, True),
+    (TimeoutClass.TCP, FIN | ACK, True),
+    (TimeoutClass.TCP, ACK, False),
+    (TimeoutClass.TCP, SYN, False),
+    (TimeoutClass.UDP, FIN | RST, False),
+    (TimeoutClass.OTHER, RST, False),
+])
+def test_fin_or_rst_moves_tcp_to_closing(cache, tclass, flags, closing):
+    cache.insert(key(1), fid(1), 7, now_ms=0, timeout_class=tclass)
+    assert cache.lookup(key(1), fid(1), now_ms=10, tcp_flags=flags) == 7
+    short = 10 + TIMEOUT_OF[TimeoutClass.TCP_CLOSING]
+    assert cache.count(short) == (0 if closing else 1)
+
+
+def test_reinsert_restores_the_class(cache):
+    cache.insert(key(1), fid(1), 7, now_ms=0)
+    cache.lookup(key(1), fid(1), now_ms=0, tcp_flags=FIN)
+    cache.insert(key(1), fid(1), 8, now_ms=0, timeout_class=TimeoutClass.TCP)
+    assert cache.count(500) == 1
+
+
+def test_age_frees_expired_flows_incrementally_and_count_agrees():
+    with FlowCache(256, TIMEOUTS) as c:
+        classes = list(TimeoutClass)
+        for i in range(150):
+            c.insert(key(i), fid(i), i, now_ms=0, timeout_class=classes[i % 4])
+        now = 600  # past TCP_CLOSING, UDP and OTHER; within TCP
+        expired = sum(1 for i in range(150) if TIMEOUT_OF[classes[i % 4]] <= now)
+        sets = c.capacity // WAYS
+        assert c.count(now) == 150 - expired
+        freed = [c.age(now, max_sets=3) for _ in range(-(-sets // 3))]
+        assert sum(freed) == expired
+        assert max(freed) <= 3 * WAYS
+        assert c.age(now, max_sets=sets) == 0
+        assert c.count(now) == 150 - expired
+        assert c.count(0) == 150 - expired  # freed, not only expired
+
+
+def test_set_timeouts_applies_to_cached_flows(cache):
+    cache.insert(key(1), fid(1), 7, now_ms=0, timeout_class=TimeoutClass.UDP)
+    cache.set_timeouts(Timeouts(tcp=1000, tcp_closing=100, udp=50, other=200))
+    assert cache.count(50) == 0
+
+
+# ------------------------------------------------------------------ full sets
+
+def same_set_ids(n: int, cache: FlowCache) -> list[int]:
+    """n flow ids that all select set 3."""
+    sets = cache.capacity // WAYS
+    return [3 + sets * (j + 1) for j in range(n)]
+
+
+def test_a_full_set_refuses_and_changes_nothing(cache):
+    ids = same_set_ids(WAYS + 1, cache)
+    for j in range(WAYS):
+        cache.insert(key(j), ids[j], j, now_ms=0, timeout_class=TimeoutClass.OTHER)
+    with pytest.raises(Full):
+        cache.insert(key(99), ids[WAYS], 99, now_ms=10)
+    assert cache.lookup(key(99), ids[WAYS], now_ms=10) is None
+    assert [cache.lookup(key(j), ids[j], now_ms=10) for j in range(WAYS)] == list(range(WAYS))
+    assert cache.count(10) == WAYS
+    cache.insert(key(0), ids[0], 50, now_ms=10)  # replacing needs no room
+    assert cache.lookup(key(0), ids[0], now_ms=10) == 50
+    # Everything but key(0) expires at 210; no age() needed to take their place.
+    cache.insert(key(99), ids[WAYS], 99, now_ms=210)
+    assert cache.age(210, max_sets=cache.capacity) == WAYS - 2
+    assert cache.count(210) == 2
+
+
+def test_full_set_takes_flows_again_after_age(cache):
+    ids = same_set_ids(WAYS + 1, cache)
+    for j in range(WAYS):
+        cache.insert(key(j), ids[j], j, now_ms=0, timeout_class=TimeoutClass.UDP)
+    with pytest.raises(Full):
+        cache.insert(key(99), ids[WAYS], 99, now_ms=499)
+    assert cache.age(500, max_sets=cache.capacity) == WAYS
+    cache.insert(key(99), ids[WAYS], 99, now_ms=500)
+    assert cache.lookup(key(99), ids[WAYS], now_ms=500) == 99
+
+
+# ------------------------------------------------------------------ arguments and lifecycle
+
+@pytest.mark.parametrize("capacity", [0, 2**31, 2**40])
+def test_absurd_capacity_is_refused(capacity):
+    with pytest.raises(InvalidArgument):
+        FlowCache(capacity, TIMEOUTS)
+
+
+@pytest.mark.parametrize("timeouts", [
+    Timeouts(tcp=0), Timeouts(udp=2**31), Timeouts(other=0),
+])
+def test_bad_timeouts_are_refused(timeouts):
+    with pytest.raises(InvalidArgument):
+        FlowCache(8, timeouts)
+
+
+@pytest.mark.parametrize("bad_key", [b"", b"\x00" * 39, b"\x00" * 41])
+def test_key_must_be_40_bytes(cache, bad_key):
+    with pytest.raises(InvalidArgument):
+        cache.lookup(bad_key, 1, now_ms=0)
+
+
+def test_bad_timeout_class_is_refused(cache):
+    with pytest.raises(InvalidArgument):
+        cache.insert(key(1), fid(1), 1, now_ms=0, timeout_class=4)
+
+
+def test_closed_cache_refuses_calls():
+    c = FlowCache(8, TIMEOUTS)
+    c.close()
+    c.close()
+    with pytest.raises(StateError):
+        c.lookup(key(1), fid(1), now_ms=0)
+
+
+def test_attach_shares_the_table_and_its_timeouts():
+    with FlowCache.in_shared_memory(100, TIMEOUTS) as first:
+        with FlowCache.attach(first.memory, 100) as second:
+            assert second.capacity == first.capacity
+            first.insert(key(1), fid(1), 42, now_ms=0, timeout_class=TimeoutClass.UDP)
+            assert second.lookup(key(1), fid(1), now_ms=0) == 42
+            assert second.count(499) == 1 and second.count(500) == 0
+            second.set_timeouts(Timeouts(udp=10))
+            assert first.count(10) == 0
+        assert first.lookup(key(1), fid(1), now_ms=5) == 42
+
+
+def corrupt(memory: mmap.mmap, offset: int) -> None:
+    memory[offset] ^= 0xFF
+
+
+@pytest.mark.parametrize("description,capacity,damage", [
+    ("never laid out", 64, "zero"),
+    ("bad magic", 64, 0),
+    ("bad version", 64, 8),
+    ("other capacity", 8, None),
+])
+def test_attach_rejects_a_wrong_header(description, capacity, damage):
+    with FlowCache.in_shared_memory(64, TIMEOUTS) as c:
+        memory = c.memory
+        if damage == "zero":
+            memory[:HEADER] = bytes(HEADER)
+        elif damage is not None:
+            corrupt(memory, damage)
+        with pytest.raises(InvalidArgument):
+            FlowCache.attach(memory, capacity).close()
+
+
+def test_attach_rejects_memory_too_small():
+    with mmap.mmap(-1, footprint_for(64) - 64) as memory:
+        with pytest.raises(InvalidArgument, match="needs"):
+            FlowCache.attach(memory, 64)
+
+
+# ------------------------------------------------------------------ concurrency
+
+N_KEYS = 48
+HOT = 5  # keys sharing one flow id (so one set): the same-set insert race
+WRITERS = 3
+ROUNDS = 20_000
+
+
+def stress_keys():
+    keys = [(key(i), fid(i)) for i in range(N_KEYS - HOT)]
+    keys += [(key(1000 + j), 0xABCDEF) for j in range(HOT)]
+    return keys
+
+
+def backend_for(k: bytes, writer: int) -> int:
+    """Each writer writes its own value for a key: a reader can tell a value
+    that some writer wrote for this key from a torn or foreign one."""
+    return (zlib.crc32(k) & 0xFFFFFF) * 16 + writer
+
+
+def allowed(k: bytes) -> set[int]:
+    return {backend_for(k, w) for w in range(WRITERS)}
+
+
+def write_loop(cache: FlowCache, writer: int, rounds: int) -> None:
+    keys = stress_keys()
+    for r in range(rounds):
+        k, f = keys[(r * 7 + writer) % len(keys)]
+        if r % 5 == 4:
+            cache.remove(k, f)
+            continue
+        try:
+            cache.insert(k, f, backend_for(k, writer), now_ms=r,
+                         timeout_class=TimeoutClass(r % 4))
+        except Full:
+            pass  # "contended": allowed when a writer is preempted mid-write
+
+
+def read_loop(cache: FlowCache, rounds: int) -> list[str]:
+    keys = stress_keys()
+    errors = []
+    for r in range(rounds):
+        k, f = keys[r % len(keys)]
+        got = cache.lookup(k, f, now_ms=r, tcp_flags=ACK)
+        if got is not None and got not in allowed(k):
+            errors.append(f"key {r % len(keys)}: {got}")
+    return errors
+
+
+def assert_one_entry_per_key(cache: FlowCache) -> None:
+    keys = stress_keys()
+    for n, (k, f) in enumerate(keys):
+        cache.insert(k, f, n, now_ms=ROUNDS)
+    assert cache.count(ROUNDS) == len(keys)
+    assert [cache.lookup(k, f, now_ms=ROUNDS) for k, f in keys] == list(range(len(keys)))
+
+
+STRESS_TIMEOUTS = Timeouts(tcp=10**6, tcp_closing=10**6, udp=10**6, other=10**6)
+
+
+def test_threads_see_only_written_values_and_no_duplicates():
+    with FlowCache(256, STRESS_TIMEOUTS) as cache:
+        errors: list[str] = []
+        failures: list[BaseException] = []
+
+        def run(target, *args):
+            try:
+                result = target(cache, *args)
+                if result:
+                    errors.extend(result)
+            except BaseException as exc:  # reported below, not lost in the thread
+                failures.append(exc)
+
+        threads = [threading.Thread(target=run, args=(write_loop, w, ROUNDS))
+                   for w in range(WRITERS)]
+        threads += [threading.Thread(target=run, args=(read_loop, ROUNDS)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not failures
+        assert not errors
+        assert_one_entry_per_key(cache)
+
+
+def test_processes_share_a_mapping_safely():
+    with FlowCache.in_shared_memory(256, STRESS_TIMEOUTS) as cache:
+        children = []
+        for role in range(WRITERS + 2):
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    # A second handle on the inherited mapping, as a worker would.
+                    with FlowCache.attach(cache.memory, 256) as mine:
+                        if role < WRITERS:
+                            write_loop(mine, role, ROUNDS)
+                            code = 0
+                        else:
+                            code = 2 if read_loop(mine, ROUNDS) else 0
+                finally:
+                    os._exit(code)
+            children.append(pid)
+        errors = read_loop(cache, ROUNDS)
+        codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
+        assert codes == [0] * len(children)
+        assert not errors
+        assert_one_entry_per_key(cache)
+
+
+@pytest.mark.parametrize("flags,rounds", [
+    pytest.param(["-O2"], 100_000, id="optimised"),
+    pytest.param(["-O1", "-fsanitize=thread", "-Wno-tsan"], 5_000, id="tsan"),
+])
+def test_native_stress(tmp_path, flags, rounds):
+    """The C race test (tests/native/flow_cache_stress.c): no duplicate entry
+    for a key, no value read under another key, no data race."""
+    if not shutil.which("gcc") or not shutil.which("pkg-config"):
+        pytest.skip("needs gcc and pkg-config")
+    dpdk = subprocess.run(["pkg-config", "--cflags", "libdpdk"], capture_output=True, text=True)
+    if dpdk.returncode:
+        pytest.skip("no libdpdk for rte_malloc.h")
+    binary = tmp_path / "stress"
+    build = subprocess.run(
+        ["gcc", *flags, "-g", "-pthread", "-D_GNU_SOURCE", f"-I{ROOT / 'native'}",
+         *dpdk.stdout.split(), str(ROOT / "tests/native/flow_cache_stress.c"),
+         str(ROOT / "native/flow_cache.c"), str(ROOT / "native/error.c"), "-o", str(binary)],
+        capture_output=True, text=True)
+    if build.returncode and "sanitize" in " ".join(flags):
+        pytest.skip(f"no ThreadSanitizer: {build.stderr[-300:]}")
+    assert build.returncode == 0, build.stderr
+    run = subprocess.run([str(binary), str(rounds)], capture_output=True, text=True, timeout=120)
+    if "FATAL: ThreadSanitizer" in run.stderr:
+        pytest.skip(f"ThreadSanitizer cannot run here: {run.stderr[-300:]}")
+    assert run.returncode == 0 and "WARNING" not in run.stderr, run.stdout + run.stderr[-3000:]
