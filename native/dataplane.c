@@ -107,6 +107,8 @@ PYLB_API int pylb_dataplane_compile(const struct pylb_dp_conf *c, struct pylb_da
     dp->flow_seed = c->flow_seed;
     dp->local_v4 = c->local_v4;
     dp->local_v6 = c->local_v6;
+    dp->gateway_v4 = c->gateway_v4;
+    dp->gateway_v6 = c->gateway_v6;
     dp->has_v4 = c->has_v4;
     dp->has_v6 = c->has_v6;
     dp->exception_policy = c->exception_policy;

@@ -26,6 +26,7 @@ struct pylb_dataplane {
     uint64_t generation;
     uint64_t flow_seed;
     struct pylb_ip local_v4, local_v6;
+    struct pylb_ip gateway_v4, gateway_v6;  /* zero = on-link */
     uint8_t has_v4, has_v6, exception_policy;
     uint16_t mtu, peer_port;
     uint32_t n_vips, n_backends;

@@ -585,3 +585,26 @@ PYLB_API uint64_t pylb_flow_cache_capacity(const struct pylb_flow_cache *c)
 {
     return c ? c->hdr->capacity : 0;
 }
+
+PYLB_API int pylb_flow_cache_peek(struct pylb_flow_cache *c, const struct pylb_flow_key *key,
+                                  uint64_t flow_id, uint32_t now_ms, uint32_t *backend,
+                                  uint32_t *idle_ms)
+{
+    if (!c || !key || !backend || !idle_ms)
+        return pylb_fail(PYLB_EINVAL, "flow_cache_peek: NULL argument");
+    struct fc_entry *set = fc_set(c, flow_id);
+    uint64_t k[FC_KEY_WORDS];
+    fc_load_key(k, key);
+    for (int w = 0; w < PYLB_FLOW_CACHE_WAYS; w++) {
+        struct fc_snap s;
+        if (!fc_snapshot(set + w, &s))
+            continue;
+        if (s.used && s.flow_id == flow_id && fc_key_eq(s.key, k) &&
+            fc_live(c->hdr, s.last_seen, s.tclass, now_ms)) {
+            *backend = s.backend;
+            *idle_ms = (int32_t)(now_ms - s.last_seen) > 0 ? now_ms - s.last_seen : 0;
+            return 1;
+        }
+    }
+    return 0;
+}

@@ -177,6 +177,10 @@ int pylb_flow_cache_lookup(struct pylb_flow_cache *c, const struct pylb_flow_key
 int pylb_flow_cache_insert(struct pylb_flow_cache *c, const struct pylb_flow_key *key,
                            uint64_t flow_id, uint32_t backend, uint32_t now_ms,
                            uint8_t timeout_class);
+/* Like lookup, but changes nothing: 1 with the backend and the ms since the
+ * flow was last seen, 0 when absent or expired (refreshes to owners). */
+int pylb_flow_cache_peek(struct pylb_flow_cache *c, const struct pylb_flow_key *key,
+                         uint64_t flow_id, uint32_t now_ms, uint32_t *backend, uint32_t *idle_ms);
 int pylb_flow_cache_remove(struct pylb_flow_cache *c, const struct pylb_flow_key *key,
                            uint64_t flow_id);
 /* Frees expired entries in up to max_sets sets, continuing where the last call
@@ -354,7 +358,7 @@ struct pylb_punt {
 enum pylb_verdict_action {
     PYLB_VERDICT_FORWARD = 1,   /* encapsulate to backend (and cache if cache=1) */
     PYLB_VERDICT_DROP = 2,
-    PYLB_VERDICT_TO_PEER = 3    /* send the original packet to a peer address (issue 3) */
+    PYLB_VERDICT_PEER = 3       /* consumed by the peer protocol (sent to the owner, or a peer message handled) */
 };
 
 struct pylb_verdict {
@@ -363,7 +367,6 @@ struct pylb_verdict {
     uint8_t cache;            /* FORWARD: also insert into the flow cache */
     uint16_t pad;
     uint32_t backend;         /* FORWARD: backend id */
-    struct pylb_ip peer;      /* TO_PEER: the peer's data address */
 };
 
 struct pylb_worker_conf {
@@ -393,7 +396,7 @@ struct pylb_worker_conf {
  *                 + drop_exception + drop_verdict
  *   drop_verdict == verdict_drop
  *   tx_ok + tx_dropped == fwd_cache_hit + fwd_new + fwd_table + fwd_fragment
- *         + fwd_verdict + verdict_peer + arp_replied + nd_replied
+ *         + fwd_verdict + fwd_for_peer + peer_sent + arp_replied + nd_replied
  *         + neigh_requests + tap_to_wire      (after a flush)
  *
  * Notices (PYLB_PUNT_NEW_STATE) are not rx outcomes: notices + notices_lost
@@ -407,6 +410,9 @@ struct pylb_stats {
     uint64_t fwd_table;         /* existing flow, stable bucket, by the table */
     uint64_t fwd_fragment;      /* IP fragment, by the 3-tuple */
     uint64_t fwd_verdict;       /* held, then forwarded by Python's verdict */
+    uint64_t fwd_for_peer;      /* packets a peer sent us (as owner), forwarded */
+    uint64_t fwd_for_peer_failed; /* of those, not sent (no neighbour, too big...) */
+    uint64_t peer_sent;         /* peer protocol datagrams sent */
     uint64_t held;              /* handed to Python and held */
     uint64_t held_now;
     uint64_t verdict_forward;
@@ -468,6 +474,22 @@ int pylb_worker_backend_counts(const struct pylb_worker *w, uint64_t *packets,
                                uint64_t *bytes, uint32_t n);
 /* Sends an ARP request / neighbour solicitation for ip now. */
 int pylb_worker_solicit(struct pylb_worker *w, const struct pylb_ip *ip);
+/* ------------------------------------------------------------------ peer
+ * What the peer protocol (pylb/cluster.py, docs/peer-protocol.md) needs of
+ * the data path; the protocol itself is Python's. */
+
+/* Copies the frame of a held packet (slot from a punt) into buf. */
+int pylb_worker_held_frame(const struct pylb_worker *w, uint32_t slot, uint8_t *buf,
+                           uint32_t size, uint32_t *len);
+/* Sends payload in a UDP datagram from the balancer's data address of the
+ * peer's family to the peer, both ports dataplane.peer_port. */
+int pylb_worker_send_peer(struct pylb_worker *w, const struct pylb_ip *peer,
+                          const uint8_t *payload, uint32_t len);
+/* Forwards an IP packet (no Ethernet header) to backend id, encapsulated as
+ * the fast path does: the owner forwarding a packet another balancer sent. */
+int pylb_worker_forward_ip(struct pylb_worker *w, const uint8_t *ip_packet, uint32_t len,
+                           uint32_t backend, uint64_t flow_id);
+
 /* Ages the flow cache: call now and then from the control loop. */
 int pylb_worker_age_cache(struct pylb_worker *w, uint64_t max_sets, uint64_t *freed);
 

@@ -14,7 +14,7 @@
 #define TCP_ACK 0x10
 #define EMPTY_POLLS_BEFORE_SLEEP 64
 
-static void count_drop(struct pylb_worker *w, uint64_t *reason, struct rte_mbuf *m)
+void worker_count_drop(struct pylb_worker *w, uint64_t *reason, struct rte_mbuf *m)
 {
     (*reason)++;
     w->st.drop_total++;
@@ -28,7 +28,7 @@ static void to_exception(struct pylb_worker *w, struct rte_mbuf *m, uint64_t *dr
         w->st.exception_tap++;
         return;
     }
-    count_drop(w, w->exc_port ? &w->st.drop_exception : drop_reason, m);
+    worker_count_drop(w, w->exc_port ? &w->st.drop_exception : drop_reason, m);
 }
 
 static uint8_t timeout_class(uint8_t proto, uint8_t tcp_flags)
@@ -39,36 +39,42 @@ static uint8_t timeout_class(uint8_t proto, uint8_t tcp_flags)
 }
 
 /* Encapsulates the inner IP packet of m toward backend id and buffers it.
- * Returns 1 when sent, 0 when dropped (counted). */
-static int forward(struct pylb_worker *w, struct rte_mbuf *m, uint32_t id, uint16_t l2_len,
-                   uint16_t l3_total, uint8_t l3, uint64_t flow_id)
+ * Returns NULL when sent, else the drop reason's counter (m is not freed). */
+uint64_t *worker_encap_send(struct pylb_worker *w, struct rte_mbuf *m, uint32_t id,
+                            uint16_t l2_len, uint16_t l3_total, uint8_t l3, uint64_t flow_id)
 {
     const struct pylb_dataplane *dp = w->dp;
-    if (PYLB_UNLIKELY(id >= dp->n_backends)) {
-        count_drop(w, &w->st.drop_no_backend, m);
-        return 0;
-    }
+    if (PYLB_UNLIKELY(id >= dp->n_backends))
+        return &w->st.drop_no_backend;
     const struct dp_backend *b = &dp->backends[id];
     struct pylb_encap_params params = b->encap;
     if (PYLB_UNLIKELY(!pylb_neigh_lookup(w->neigh, &b->next_hop, params.dst_mac))) {
         neigh_solicit(w, &b->next_hop, 0);
-        count_drop(w, &w->st.drop_no_neighbor, m);
-        return 0;
+        return &w->st.drop_no_neighbor;
     }
     memcpy(params.src_mac, w->mac, 6);
     uint32_t off = m->data_off + l2_len;
     int rc = pylb_encap_write(&params, (uint8_t *)m->buf_addr, off, l3_total, l3, flow_id);
-    if (PYLB_UNLIKELY(rc < 0)) {
-        count_drop(w, rc == PYLB_ETOOBIG ? &w->st.drop_too_big : &w->st.drop_encap, m);
-        return 0;
-    }
+    if (PYLB_UNLIKELY(rc < 0))
+        return rc == PYLB_ETOOBIG ? &w->st.drop_too_big : &w->st.drop_encap;
     m->data_off = (uint16_t)(off - (uint32_t)rc);
     m->data_len = (uint16_t)(l3_total + (uint32_t)rc);
     m->pkt_len = m->data_len;
     w->be_packets[id]++;
     w->be_bytes[id] += l3_total;
     worker_tx(w, m);
-    return 1;
+    return NULL;
+}
+
+/* worker_encap_send for a received frame: a failure is its outcome. */
+static int worker_forward(struct pylb_worker *w, struct rte_mbuf *m, uint32_t id, uint16_t l2_len,
+                          uint16_t l3_total, uint8_t l3, uint64_t flow_id)
+{
+    uint64_t *reason = worker_encap_send(w, m, id, l2_len, l3_total, l3, flow_id);
+    if (PYLB_LIKELY(reason == NULL))
+        return 1;
+    worker_count_drop(w, reason, m);
+    return 0;
 }
 
 static int hold(struct pylb_worker *w, struct rte_mbuf *m, const struct pylb_parsed *pp,
@@ -108,17 +114,17 @@ static int handle_vip(struct pylb_worker *w, struct rte_mbuf *m, const struct py
         uint64_t id3 = pylb_flow_id(&k3, dp->flow_seed);
         uint32_t be = v->current[pylb_bucket(id3, v->table_size)];
         if (be == PYLB_NO_BACKEND) {
-            count_drop(w, &w->st.drop_no_backend, m);
+            worker_count_drop(w, &w->st.drop_no_backend, m);
             return 0;
         }
-        if (forward(w, m, be, pp->l2_len, pp->l3_total, l3, id3))
+        if (worker_forward(w, m, be, pp->l2_len, pp->l3_total, l3, id3))
             w->st.fwd_fragment++;
         return 0;
     }
     uint64_t flow_id = pylb_flow_id(&pp->key, dp->flow_seed);
     uint32_t be;
     if (pylb_flow_cache_lookup(w->cache, &pp->key, flow_id, now, pp->tcp_flags, &be)) {
-        if (forward(w, m, be, pp->l2_len, pp->l3_total, l3, flow_id))
+        if (worker_forward(w, m, be, pp->l2_len, pp->l3_total, l3, flow_id))
             w->st.fwd_cache_hit++;
         return 0;
     }
@@ -140,7 +146,7 @@ static int handle_vip(struct pylb_worker *w, struct rte_mbuf *m, const struct py
         return hold(w, m, pp, flow_id, punt);
     }
     if (cur == PYLB_NO_BACKEND) {
-        count_drop(w, &w->st.drop_no_backend, m);
+        worker_count_drop(w, &w->st.drop_no_backend, m);
         return 0;
     }
     int notice = 0;
@@ -172,7 +178,7 @@ static int handle_vip(struct pylb_worker *w, struct rte_mbuf *m, const struct py
             }
         }
     }
-    if (forward(w, m, cur, pp->l2_len, pp->l3_total, l3, flow_id)) {
+    if (worker_forward(w, m, cur, pp->l2_len, pp->l3_total, l3, flow_id)) {
         if (syn || !is_tcp)
             w->st.fwd_new++;
         else
@@ -189,15 +195,15 @@ static int handle_frame(struct pylb_worker *w, struct rte_mbuf *m, uint32_t now,
     w->st.rx++;
     w->st.rx_bytes += m->pkt_len;
     if (PYLB_UNLIKELY(m->nb_segs > 1) && rte_pktmbuf_linearize(m) != 0) {
-        count_drop(w, &w->st.drop_too_big, m);
+        worker_count_drop(w, &w->st.drop_too_big, m);
         return 0;
     }
     int rc = pylb_parse(rte_pktmbuf_mtod(m, const uint8_t *), m->data_len, &pp);
     if (PYLB_UNLIKELY(rc != PYLB_PARSE_OK)) {
         if (rc == PYLB_PARSE_TRUNCATED)
-            count_drop(w, &w->st.drop_parse_truncated, m);
+            worker_count_drop(w, &w->st.drop_parse_truncated, m);
         else if (rc == PYLB_PARSE_BAD_HEADER)
-            count_drop(w, &w->st.drop_parse_bad, m);
+            worker_count_drop(w, &w->st.drop_parse_bad, m);
         else
             to_exception(w, m, &w->st.drop_not_ip);
         return 0;
@@ -319,18 +325,14 @@ PYLB_API int pylb_worker_apply(struct pylb_worker *w, const struct pylb_verdict 
                 else
                     w->st.cache_full++;
             }
-            if (forward(w, m, v[i].backend, h->l2_len, h->l3_total, h->l3, h->flow_id))
+            if (worker_forward(w, m, v[i].backend, h->l2_len, h->l3_total, h->l3, h->flow_id))
                 w->st.fwd_verdict++;
-        } else if (v[i].action == PYLB_VERDICT_TO_PEER) {
-            /* The state request is the packet itself (rule 3): the peer
-             * protocol (docs/peer-protocol.md) wraps it; until then, drop. */
+        } else if (v[i].action == PYLB_VERDICT_PEER) {
             w->st.verdict_peer++;
-            w->tx_buffered++;
-            w->st.tx_dropped++;
             rte_pktmbuf_free(m);
         } else {
             w->st.verdict_drop++;
-            count_drop(w, &w->st.drop_verdict, m);
+            worker_count_drop(w, &w->st.drop_verdict, m);
         }
     }
     flush(w, rte_rdtsc());
@@ -386,7 +388,7 @@ PYLB_API void pylb_worker_destroy(struct pylb_worker *w)
             if (w->held[i].m) {
                 w->st.verdict_drop++;
                 w->st.held_now--;
-                count_drop(w, &w->st.drop_verdict, w->held[i].m);
+                worker_count_drop(w, &w->st.drop_verdict, w->held[i].m);
             }
     }
     if (w->txb)

@@ -50,6 +50,13 @@ static inline void worker_tx(struct pylb_worker *w, struct rte_mbuf *m)
     rte_eth_tx_buffer(w->port->port_id, w->txq, w->txb, m);
 }
 
+/* Encapsulates the IP packet in m (after l2_len bytes) toward backend id and
+ * buffers it; NULL when sent, else the drop reason's counter (m not freed). */
+uint64_t *worker_encap_send(struct pylb_worker *w, struct rte_mbuf *m, uint32_t id,
+                            uint16_t l2_len, uint16_t l3_total, uint8_t l3, uint64_t flow_id);
+/* Frees m counting a drop reason. */
+void worker_count_drop(struct pylb_worker *w, uint64_t *reason, struct rte_mbuf *m);
+
 /* ARP and NDP on the wire (neigh_wire.c). Each consumes or sends m and counts
  * the outcome. */
 void neigh_handle_arp(struct pylb_worker *w, struct rte_mbuf *m, const struct pylb_parsed *pp);

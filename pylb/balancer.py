@@ -82,6 +82,11 @@ class Balancer:
         self.registry = BackendRegistry()
         self.worker.set_dataplane(Dataplane(config, self.generation, self.registry))
         self.verdicts_by_reason: dict[str, int] = {}
+        self._changed_at: float | None = None
+        self.cluster = None
+        if config.cluster is not None:
+            from pylb.cluster import ClusterNode
+            self.cluster = ClusterNode(self)
         self._last_age = time.monotonic()
         log.info("balancer started", name=b.name, device=b.data.device, mac=self.port.mac,
                  hugepages=self.eal.hugepages, vips=len(config.vips),
@@ -93,12 +98,17 @@ class Balancer:
         return self.worker.dataplane
 
     def next_hops(self) -> set:
-        """Addresses whose MAC the balancer needs: gateways, or on-link backends."""
+        """Addresses whose MAC the balancer needs: gateways, or on-link backends
+        and peer balancers."""
         data = self.config.balancer.data
+        mine = {data.address_v4, data.address_v6}
+        targets = [ref.address for ref in self.dataplane.backends]
+        if self.config.cluster is not None:
+            targets += [m.address for m in self.config.cluster.balancers if m.address not in mine]
         hops = set()
-        for ref in self.dataplane.backends:
-            gw = data.gateway_v4 if ref.address.version == 4 else data.gateway_v6
-            hops.add(gw or ref.address)
+        for address in targets:
+            gw = data.gateway_v4 if address.version == 4 else data.gateway_v6
+            hops.add(gw or address)
         return hops
 
     def solicit_next_hops(self) -> list:
@@ -117,12 +127,42 @@ class Balancer:
         dp = Dataplane(config, self.generation, self.registry, previous=self.dataplane)
         self.worker.set_dataplane(dp)
         self.config = config
+        self._changed_at = time.monotonic()
+        if self.cluster is not None:
+            self.cluster.apply_config(config)
         log.info("configuration swapped", generation=self.generation)
 
-    def decide(self, punt: Punt) -> Verdict:
-        """The standalone miss path (no peers): a flow older than the last change
-        keeps the previous table's backend (rule 4); a new UDP flow (the cache
-        tracks every flow, so a miss is new) takes the current one."""
+    def retire_previous(self) -> None:
+        """Drops the previous table generation (docs/state-exchange.md): by now
+        every live flow of a moved bucket has state at its owner."""
+        self.generation += 1
+        dp = Dataplane(self.config, self.generation, self.registry, current=self.dataplane.tables)
+        self.worker.set_dataplane(dp)
+        self._changed_at = None
+        if self.cluster is not None:
+            self.cluster.apply_config(self.config)
+        log.info("previous table generation retired", generation=self.generation)
+
+    def _retire_after(self) -> float:
+        c = self.config.cluster
+        if c is not None and c.previous_retire_after is not None:
+            return c.previous_retire_after
+        return self.config.balancer.timeouts.tcp
+
+    def decide(self, punt: Punt) -> Verdict | None:
+        """The miss path. In a cluster with state exchange: the owner decides
+        (pylb/cluster.py). With the exchange off: the local cache only, as
+        Maglev and Katran do, so a miss takes the current table. A standalone
+        balancer is its own owner: a flow older than the last change keeps the
+        previous table's backend (rule 4); a UDP miss is a new flow when the
+        cache tracks every flow."""
+        if self.cluster is not None:
+            if self.config.cluster.state_exchange:
+                return self.cluster.decide(punt)
+            if punt.reason in (PuntReason.MOVED, PuntReason.UDP_MOVED):
+                return Verdict(punt.slot, Action.FORWARD, punt.current, cache=True)
+        if punt.slot is None:
+            return None
         track_all = self.config.balancer.flow_cache.track == "all"
         if punt.reason == PuntReason.MOVED:
             return Verdict(punt.slot, Action.FORWARD, punt.previous, cache=True)
@@ -138,10 +178,15 @@ class Balancer:
         for p in punts:
             name = p.reason.name.lower()
             self.verdicts_by_reason[name] = self.verdicts_by_reason.get(name, 0) + 1
-            if p.slot is not None:
-                verdicts.append(self.decide(p))
+            verdict = self.decide(p)
+            if verdict is not None:
+                verdicts.append(verdict)
         self.worker.apply(verdicts)
+        if self.cluster is not None:
+            self.cluster.tick()
         now = time.monotonic()
+        if self._changed_at is not None and now - self._changed_at >= self._retire_after():
+            self.retire_previous()
         if now - self._last_age >= AGE_INTERVAL_S:
             self._last_age = now
             self.worker.age_cache()

@@ -179,9 +179,42 @@ class Vip(Strict):
         return 6 if self.protocol == "tcp" else 17
 
 
+class Member(Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    address: IPAddress
+
+
+class Cluster(Strict):
+    """The balancers sharing these VIPs and how they exchange flow state
+    (docs/state-exchange.md, docs/peer-protocol.md)."""
+
+    balancers: list[Member] = Field(min_length=1)
+    peer_port: int = Field(4800, ge=1, le=65535)
+    key: Optional[str] = Field(None, min_length=32, pattern=r"^[0-9a-fA-F]+$")
+    state_exchange: bool = True
+    previous_retire_after: Optional[float] = Field(None, gt=0, le=86400 * 7)
+    request_timeout_ms: int = Field(50, ge=1, le=10_000)
+    request_retries: int = Field(2, ge=0, le=10)
+    push_interval_ms: int = Field(5, ge=1, le=10_000)
+    refresh_interval: float = Field(10.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _unique(self):
+        for what in ("name", "address"):
+            values = [getattr(m, what) for m in self.balancers]
+            dupes = sorted({str(v) for v in values if values.count(v) > 1})
+            if dupes:
+                raise ValueError(f"balancer {what}s repeat: {', '.join(dupes)}")
+        return self
+
+    def key_bytes(self) -> bytes | None:
+        return bytes.fromhex(self.key) if self.key else None
+
+
 class Config(Strict):
     balancer: Balancer
     vips: list[Vip] = Field(min_length=1)
+    cluster: Optional[Cluster] = None
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -193,6 +226,18 @@ class Config(Strict):
         if len(set(keys)) != len(keys):
             raise ValueError("two VIPs share address, protocol and port")
         data = self.balancer.data
+        if self.cluster is not None:
+            me = next((m for m in self.cluster.balancers if m.name == self.balancer.name), None)
+            if me is None:
+                raise ValueError(f"cluster.balancers must list this balancer ({self.balancer.name})")
+            if me.address not in (data.address_v4, data.address_v6):
+                raise ValueError(f"cluster.balancers: {me.name}'s address {me.address} is not "
+                                 "one of balancer.data's addresses")
+            for m in self.cluster.balancers:
+                mine = data.address_v4 if m.address.version == 4 else data.address_v6
+                if mine is None:
+                    raise ValueError(f"cluster.balancers: {m.name} is IPv{m.address.version} but "
+                                     f"this balancer has no IPv{m.address.version} data address")
         for vip in self.vips:
             for backend in vip.backends:
                 family = backend.address.version

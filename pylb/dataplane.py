@@ -162,6 +162,7 @@ class Dataplane:
             ip_to_c(data.gateway_v6, conf.gateway_v6)
         conf.exception_policy = 1 if data.exception.policy == "tap" else 0
         conf.mtu = data.mtu
+        conf.peer_port = config.cluster.peer_port if config.cluster else 0
         backends = ffi.new("struct pylb_dp_backend[]", max(1, len(self.backends)))
         for ref in self.backends:
             ip_to_c(ref.address, backends[ref.id].addr)

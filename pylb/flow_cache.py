@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import mmap
+import time
 
 from pylb._ffi import check, ffi, lib
 from pylb.errors import InvalidArgument, StateError
@@ -42,6 +43,11 @@ class Timeouts:
 
     def _to_c(self):
         return ffi.new("uint32_t[4]", [self.tcp, self.tcp_closing, self.udp, self.other])
+
+
+def now_ms() -> int:
+    """The flow cache's clock (the shim's pylb_now_ms): monotonic ms, 32 bits."""
+    return int(time.clock_gettime(time.CLOCK_MONOTONIC_COARSE) * 1000) & _U32
 
 
 def footprint_for(capacity: int) -> int:
@@ -167,6 +173,14 @@ class FlowCache:
         """Caches or replaces a flow. Raises Full when its set holds only live flows."""
         check(lib.pylb_flow_cache_insert(self._c(), _key(key), flow_id, backend, now_ms & _U32,
                                          timeout_class), "flow cache insert")
+
+    def peek(self, key: bytes, flow_id: int, now_ms: int) -> tuple[int, int] | None:
+        """(backend, ms idle) of a live flow without refreshing it, else None."""
+        backend = ffi.new("uint32_t *")
+        idle = ffi.new("uint32_t *")
+        hit = check(lib.pylb_flow_cache_peek(self._c(), _key(key), flow_id,
+                                             now_ms & _U32, backend, idle), "flow cache peek")
+        return (backend[0], idle[0]) if hit else None
 
     def remove(self, key: bytes, flow_id: int) -> bool:
         """Forgets a flow; False if it was not cached."""

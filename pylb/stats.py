@@ -20,6 +20,9 @@ class Stats:
     fwd_table: int = 0
     fwd_fragment: int = 0
     fwd_verdict: int = 0
+    fwd_for_peer: int = 0
+    fwd_for_peer_failed: int = 0
+    peer_sent: int = 0
     held: int = 0
     held_now: int = 0
     verdict_forward: int = 0
@@ -80,8 +83,8 @@ class Stats:
             "drop_total == sum of reasons": s.drop_total == sum(getattr(s, r) for r in DROP_REASONS),
             "drop_verdict == verdict_drop": s.drop_verdict == s.verdict_drop,
             "tx == forwarded + replies": s.tx_ok + s.tx_dropped == (
-                s.forwarded + s.verdict_peer + s.arp_replied + s.nd_replied + s.neigh_requests
-                + s.tap_to_wire),
+                s.forwarded + s.fwd_for_peer + s.peer_sent + s.arp_replied + s.nd_replied
+                + s.neigh_requests + s.tap_to_wire),
         }
         return [name for name, ok in checks.items() if not ok]
 

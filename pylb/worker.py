@@ -23,7 +23,7 @@ class PuntReason(enum.IntEnum):
 class Action(enum.IntEnum):
     FORWARD = 1
     DROP = 2
-    TO_PEER = 3
+    PEER = 3         # consumed by the peer protocol (sent to the owner, or handled)
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,6 @@ class Verdict:
     action: Action
     backend: int = 0
     cache: bool = False
-    peer: str | None = None
 
 
 class Worker:
@@ -76,6 +75,7 @@ class Worker:
         self._max_punts = max(max_punts, 128)
         self._punts = ffi.new("struct pylb_punt[]", self._max_punts)
         self._n = ffi.new("uint32_t *")
+        self._frame_buf = ffi.new("uint8_t[]", 16384)
 
     @property
     def handle(self):
@@ -115,9 +115,25 @@ class Worker:
         v = ffi.new("struct pylb_verdict[]", len(verdicts))
         for i, d in enumerate(verdicts):
             v[i].slot, v[i].action, v[i].backend, v[i].cache = d.slot, d.action, d.backend, d.cache
-            if d.peer:
-                ip_to_c(d.peer, v[i].peer)
         check(lib.pylb_worker_apply(self.handle, v, len(verdicts)), "applying verdicts")
+
+    def held_frame(self, slot: int) -> bytes:
+        """The frame of a held packet (peer messages, state requests)."""
+        check(lib.pylb_worker_held_frame(self.handle, slot, self._frame_buf, len(self._frame_buf),
+                                         self._n), "reading a held packet")
+        return bytes(ffi.buffer(self._frame_buf, self._n[0]))
+
+    def send_peer(self, address, payload: bytes) -> None:
+        """A peer-protocol datagram to a balancer's data address."""
+        ip = ffi.new("struct pylb_ip *")
+        ip_to_c(address, ip)
+        check(lib.pylb_worker_send_peer(self.handle, ip, payload, len(payload)),
+              f"sending to peer {address}")
+
+    def forward_ip(self, ip_packet: bytes, backend: int, flow_id: int) -> None:
+        """Forwards an IP packet a peer sent us to a backend, encapsulated."""
+        check(lib.pylb_worker_forward_ip(self.handle, ip_packet, len(ip_packet), backend, flow_id),
+              "forwarding for a peer")
 
     def stats(self) -> Stats:
         s = ffi.new("struct pylb_stats *")
