@@ -36,6 +36,18 @@ int32_t dp_find_vip(const struct pylb_dataplane *dp, const struct pylb_ip *dst, 
     return v >= 0 ? v : index_probe(dp, dst, proto, 0);
 }
 
+int32_t dp_find_vip_any_port(const struct pylb_dataplane *dp, const struct pylb_ip *dst,
+                             uint8_t proto)
+{
+    if (dp->n_vips == 0)
+        return -1;
+    int32_t v = index_probe(dp, dst, proto, 0);
+    for (uint32_t i = 0; v < 0 && i < dp->n_vips; i++)
+        if (dp->vips[i].proto == proto && pylb_ip_eq(&dp->vips[i].addr, dst))
+            v = (int32_t)i;
+    return v;
+}
+
 static int check_conf(const struct pylb_dp_conf *c)
 {
     if (c->n_vips > PYLB_MAX_VIPS)

@@ -40,6 +40,11 @@ struct pylb_dataplane {
 int32_t dp_find_vip(const struct pylb_dataplane *dp, const struct pylb_ip *dst, uint8_t proto,
                     uint16_t dport);
 
+/* VIP for a fragment, by (dst, proto) only: the all-ports VIP of the address
+ * if there is one, else its first-listed VIP of that protocol. */
+int32_t dp_find_vip_any_port(const struct pylb_dataplane *dp, const struct pylb_ip *dst,
+                             uint8_t proto);
+
 static inline int dp_is_local(const struct pylb_dataplane *dp, const struct pylb_ip *ip)
 {
     return (dp->has_v4 && pylb_ip_eq(ip, &dp->local_v4)) ||

@@ -87,17 +87,27 @@ static const uint8_t *nd_option(const uint8_t *opt, int len, uint8_t type)
 
 /* Writes a neighbour advertisement for `target` into m, replacing it. */
 static void write_na(struct pylb_worker *w, struct rte_mbuf *m, const struct pylb_ip *target,
-                     const struct pylb_ip *to, const uint8_t to_mac[6], int solicited)
+                     const struct pylb_ip *to, const uint8_t to_mac[6], int solicited,
+                     const struct pylb_parsed *pp)
 {
     const uint16_t body = 4 + 4 + 16 + 8;   /* type..checksum, flags, target, option */
+    /* The answer leaves on the solicitation's VLAN, as an ARP reply does. */
+    const uint16_t l2 = (pp->flags & PYLB_PF_VLAN) ? RTE_ETHER_HDR_LEN + 4 : RTE_ETHER_HDR_LEN;
     rte_pktmbuf_reset(m);
-    uint8_t *f = (uint8_t *)rte_pktmbuf_append(m, RTE_ETHER_HDR_LEN + 40 + body);
+    uint8_t *f = (uint8_t *)rte_pktmbuf_append(m, l2 + 40 + body);
     struct rte_ether_hdr *eth = (struct rte_ether_hdr *)f;
-    struct rte_ipv6_hdr *ip6 = (struct rte_ipv6_hdr *)(eth + 1);
+    struct rte_ipv6_hdr *ip6 = (struct rte_ipv6_hdr *)(f + l2);
     uint8_t *icmp = (uint8_t *)(ip6 + 1);
     memcpy(eth->dst_addr.addr_bytes, to_mac, 6);
     memcpy(eth->src_addr.addr_bytes, w->mac, 6);
-    eth->ether_type = rte_cpu_to_be_16(RTE_ETHER_TYPE_IPV6);
+    if (l2 > RTE_ETHER_HDR_LEN) {
+        struct rte_vlan_hdr *vlan = (struct rte_vlan_hdr *)(eth + 1);
+        eth->ether_type = rte_cpu_to_be_16(RTE_ETHER_TYPE_VLAN);
+        vlan->vlan_tci = rte_cpu_to_be_16(pp->vlan_tci);
+        vlan->eth_proto = rte_cpu_to_be_16(RTE_ETHER_TYPE_IPV6);
+    } else {
+        eth->ether_type = rte_cpu_to_be_16(RTE_ETHER_TYPE_IPV6);
+    }
     ip6->vtc_flow = rte_cpu_to_be_32(6u << 28);
     ip6->payload_len = rte_cpu_to_be_16(body);
     ip6->proto = 58;
@@ -156,7 +166,7 @@ int neigh_handle_nd(struct pylb_worker *w, struct rte_mbuf *m, const struct pylb
         neigh_learn(w->neigh, &from, ll, 0);
         memcpy(to_mac, ll, 6);
     }
-    write_na(w, m, &target, &from, to_mac, !pylb_ip_is_zero(&pp->key.src));
+    write_na(w, m, &target, &from, to_mac, !pylb_ip_is_zero(&pp->key.src), pp);
     w->st.nd_replied++;
     worker_tx(w, m);
     return 1;

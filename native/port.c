@@ -13,6 +13,8 @@
 #include "internal.h"
 #include "port_internal.h"
 
+#define RING_PORT_NAME_MAX 19
+
 static int port_seq;
 
 static int looks_like_pci(const char *dev)
@@ -34,9 +36,10 @@ static void vdev_name(const char *dev, char *name, size_t size)
 static int open_ring_port(struct pylb_port *p, const char *name)
 {
     char rname[RTE_RING_NAMESIZE + 8];
-    if (strlen(name) == 0 || strlen(name) + 3 >= RTE_RING_NAMESIZE)
+    /* The ring PMD names its device "net_ring_" + name within 28 bytes. */
+    if (strlen(name) == 0 || strlen(name) > RING_PORT_NAME_MAX)
         return pylb_fail(PYLB_EINVAL, "ring port name '%s': 1 to %d characters", name,
-                         (int)RTE_RING_NAMESIZE - 4);
+                         RING_PORT_NAME_MAX);
     snprintf(rname, sizeof(rname), "%s_rx", name);
     p->rx_ring = rte_ring_create(rname, 8192, rte_socket_id(), RING_F_SP_ENQ | RING_F_SC_DEQ);
     snprintf(rname, sizeof(rname), "%s_tx", name);
@@ -47,6 +50,11 @@ static int open_ring_port(struct pylb_port *p, const char *name)
     if (id < 0)
         return pylb_fail(PYLB_EDPDK, "ring port %s: %s", name, rte_strerror(rte_errno));
     p->port_id = (uint16_t)id;
+    /* The ring PMD's MAC is all zeros and cannot be set: give the port a
+     * locally administered one of ours so its frames are told apart. */
+    const uint8_t mac[6] = {0x02, 'r', 'i', 'n', (uint8_t)(id >> 8), (uint8_t)id};
+    memcpy(p->mac, mac, 6);
+    p->has_own_mac = 1;
     return PYLB_OK;
 }
 
@@ -177,6 +185,10 @@ PYLB_API void pylb_port_close(struct pylb_port *p)
 
 PYLB_API int pylb_port_mac(const struct pylb_port *p, uint8_t mac[6])
 {
+    if (p->has_own_mac) {
+        memcpy(mac, p->mac, 6);
+        return PYLB_OK;
+    }
     struct rte_ether_addr a;
     int rc = rte_eth_macaddr_get(p->port_id, &a);
     if (rc != 0)

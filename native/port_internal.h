@@ -10,6 +10,8 @@ struct pylb_port {
     uint8_t is_ring;       /* ring:NAME test port */
     uint8_t is_vdev;       /* probed here: removed again at close */
     uint8_t started;
+    uint8_t has_own_mac;   /* ring ports: mac below, not the PMD's */
+    uint8_t mac[6];
     char name[64];
     struct rte_mempool *pool;
     struct rte_ring *rx_ring;  /* ring ports: what the port receives */

@@ -149,6 +149,14 @@ static int handle_vip(struct pylb_worker *w, struct rte_mbuf *m, const struct py
         worker_count_drop(w, &w->st.drop_no_backend, m);
         return 0;
     }
+    /* State only for a flow that was forwarded: a packet dropped here (no
+     * neighbour yet) must not leave a cache entry or a notice behind. */
+    if (!worker_forward(w, m, cur, pp->l2_len, pp->l3_total, l3, flow_id))
+        return 0;
+    if (syn || !is_tcp)
+        w->st.fwd_new++;
+    else
+        w->st.fwd_table++;
     int notice = 0;
     if (moved || (v->flags & PYLB_VIP_TRACK_ALL)) {
         int rc = pylb_flow_cache_insert(w->cache, &pp->key, flow_id, cur, now,
@@ -177,12 +185,6 @@ static int handle_vip(struct pylb_worker *w, struct rte_mbuf *m, const struct py
                 w->st.notices_lost++;
             }
         }
-    }
-    if (worker_forward(w, m, cur, pp->l2_len, pp->l3_total, l3, flow_id)) {
-        if (syn || !is_tcp)
-            w->st.fwd_new++;
-        else
-            w->st.fwd_table++;
     }
     return notice;
 }
@@ -213,7 +215,11 @@ static int handle_frame(struct pylb_worker *w, struct rte_mbuf *m, uint32_t now,
         return 0;
     }
     const struct pylb_dataplane *dp = w->dp;
-    int32_t vi = dp_find_vip(dp, &pp.key.dst, pp.l4_proto, pp.key.dport);
+    /* Later fragments carry no port: every fragment of a datagram finds its
+     * VIP by address and protocol alone, so all of them meet at one VIP. */
+    int32_t vi = PYLB_UNLIKELY(pp.flags & PYLB_PF_FRAGMENT)
+                     ? dp_find_vip_any_port(dp, &pp.key.dst, pp.l4_proto)
+                     : dp_find_vip(dp, &pp.key.dst, pp.l4_proto, pp.key.dport);
     if (PYLB_LIKELY(vi >= 0))
         return handle_vip(w, m, &pp, vi, now, punt, room);
     if (pp.l4_proto == 58 && neigh_handle_nd(w, m, &pp))

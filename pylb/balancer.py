@@ -127,7 +127,8 @@ class Balancer:
         dp = Dataplane(config, self.generation, self.registry, previous=self.dataplane)
         self.worker.set_dataplane(dp)
         self.config = config
-        self._changed_at = time.monotonic()
+        if dp.changed:
+            self._changed_at = time.monotonic()
         if self.cluster is not None:
             self.cluster.apply_config(config)
         log.info("configuration swapped", generation=self.generation)

@@ -95,6 +95,7 @@ class Dataplane:
         the generation this one replaces; its current tables become this one's
         previous tables. current: tables built already (else Maglev)."""
         self._dp = None
+        self.changed = False      # some VIP's current table differs from `previous`'s
         self.config = config
         self.generation = generation
         self.registry = registry if registry is not None else BackendRegistry()
@@ -108,14 +109,20 @@ class Dataplane:
         for i, vip in enumerate(config.vips):
             cur = (current or {}).get(vip.name) or VipTables.build(vip)
             self.tables[vip.name] = cur
-            addresses = {b.name: b.address for b in vip.backends}
             ids = {}
             for b in vip.backends:
                 ids[b.name] = self.registry.id_for(vip.name, b.name, b.address)
                 weights[ids[b.name]] = b.weight
             v = vips[i]
             v.current = self._ids_table(cur, ids, c_tables)
-            prev = previous.tables.get(vip.name) if previous else None
+            prev = None
+            if previous is not None and vip.name in previous.tables:
+                if previous.tables[vip.name] == cur:
+                    # Unchanged: an older generation still in force stays so.
+                    prev = previous.previous.get(vip.name)
+                else:
+                    prev = previous.tables[vip.name]
+                    self.changed = True
             if prev is not None:
                 self.previous[vip.name] = prev
                 for name in prev.names:

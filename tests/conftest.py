@@ -29,4 +29,4 @@ def ring_port_name(request):
     """A ring port name unique to the test."""
     import re
 
-    return "ring:t_" + re.sub(r"[^A-Za-z0-9]", "", request.node.name)[-20:]
+    return "ring:t" + re.sub(r"[^A-Za-z0-9]", "", request.node.name)[-18:]
