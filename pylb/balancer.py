@@ -36,8 +36,14 @@ class Balancer:
     """Start with `with Balancer(config) as lb:`; close() stops the worker, frees
     every held mbuf, closes the ports and (if it started it) the EAL."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, previous_config: Config | None = None):
+        """previous_config: the configuration the cluster ran before its last
+        change (any member's), for a balancer that starts or joins while that
+        change's previous table generation is in force: its VIPs give the
+        previous tables, its cluster section the former members
+        (docs/state-exchange.md)."""
         self.config = config
+        self.previous_config = previous_config
         b = config.balancer
         if b.workers != 1:
             raise ConfigError("balancer.workers: only 1 worker per balancer process is supported "
@@ -80,7 +86,10 @@ class Balancer:
         self._closers.append(self.worker.close)
         self.generation = 1
         self.registry = BackendRegistry()
-        self.worker.set_dataplane(Dataplane(config, self.generation, self.registry))
+        # The cluster's previous VIPs and backends, under this balancer's own settings.
+        first = config.model_copy(update={"vips": self.previous_config.vips}) \
+            if self.previous_config else config
+        self.worker.set_dataplane(Dataplane(first, self.generation, self.registry))
         self.verdicts_by_reason: dict[str, int] = {}
         self._changed_at: float | None = None
         self.cluster = None
@@ -91,6 +100,8 @@ class Balancer:
         log.info("balancer started", name=b.name, device=b.data.device, mac=self.port.mac,
                  hugepages=self.eal.hugepages, vips=len(config.vips),
                  backends=len(self.dataplane.backends))
+        if self.previous_config is not None:
+            self.reconfigure(config)
         self.solicit_next_hops()
 
     @property

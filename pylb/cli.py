@@ -86,6 +86,7 @@ def which(config_file: str, flow: str, as_json: bool) -> None:
     'tcp 198.51.100.7:40000 -> 192.0.2.10:80'."""
     from pylb.dataplane import Dataplane
     from pylb.flow_id import FlowKey
+    from pylb.ownership import Ownership
     cfg = _load(config_file)
     try:
         key = FlowKey.parse(flow)
@@ -96,10 +97,19 @@ def which(config_file: str, flow: str, as_json: bool) -> None:
         c = dp.classify(key)
     finally:
         dp.close()
+    # The cluster section is newer than some configurations (and than this
+    # command), so its absence means one balancer that owns every bucket.
+    cluster = getattr(cfg, "cluster", None)
+    members = [m.name for m in cluster.balancers] if cluster and cluster.balancers else []
+    owner = backup = None
+    if c.vip is not None:
+        own = Ownership(members or [cfg.balancer.name], cfg.find_vip(c.vip).table_size)
+        owner, backup = own.owners(c.bucket)
     result = {"flow": str(key), "flow_id": f"0x{c.flow_id:016x}", "vip": c.vip,
               "bucket": c.bucket if c.vip else None,
               "backend": c.current.name if c.current else None,
-              "backend_address": str(c.current.address) if c.current else None}
+              "backend_address": str(c.current.address) if c.current else None,
+              "owner": owner, "backup": backup}
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -112,6 +122,11 @@ def which(config_file: str, flow: str, as_json: bool) -> None:
     click.echo(f"bucket   {c.bucket}")
     click.echo(f"backend  {result['backend']} ({result['backend_address']})"
                if c.current else "backend  none (no backend has weight)")
+    if not members:
+        click.echo(f"owner    {owner} (single balancer)")
+        return
+    click.echo(f"owner    {owner}")
+    click.echo(f"backup   {backup or 'none (single balancer)'}")
 
 
 @main.command()
@@ -162,6 +177,21 @@ def gen_pcap(config_file: str, out_file: str, flows: int, seed: int, dst_mac: st
         frames += f.frames(dst_mac, "02:00:00:00:00:c1", kinds)
     pcap.write(out_file, frames)
     click.echo(f"{out_file}: {len(frames)} frames of {flows} flows")
+
+
+@main.command()
+@click.option("--flows", type=int, default=2000, show_default=True, help="Flows per scenario.")
+@click.option("--seed", type=int, default=1, show_default=True)
+def scenarios(flows: int, seed: int) -> None:
+    """Runs the cluster-change scenarios (three balancers on DPDK ring ports,
+    a scripted router) with state exchange on and off, and prints the table."""
+    from pylb.eal import Eal, eal_args
+    from pylb.scenarios import run_all
+    try:
+        with Eal(eal_args()):
+            run_all(flows, seed, echo=click.echo)
+    except PylbError as err:
+        raise click.ClickException(str(err)) from None
 
 
 @main.command()

@@ -197,6 +197,7 @@ class Cluster(Strict):
     request_retries: int = Field(2, ge=0, le=10)
     push_interval_ms: int = Field(5, ge=1, le=10_000)
     refresh_interval: float = Field(10.0, gt=0, le=3600)
+    handoff_period: float = Field(5.0, gt=0, le=600)
 
     @model_validator(mode="after")
     def _unique(self):

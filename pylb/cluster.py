@@ -1,0 +1,530 @@
+"""Flow ownership and state exchange between balancers: the miss path
+(docs/state-exchange.md, rules 1-6 of the design; wire format in
+docs/peer-protocol.md).
+
+A ClusterNode lives beside one Balancer. The fast path hands it:
+- MOVED / UDP_MOVED punts: a packet of a flow with no local state in a moved
+  bucket. The owner decides; any other balancer sends the packet itself to the
+  owner (STATE_REQUEST) and caches the answer.
+- NEW_STATE notices: a new flow in a moved bucket, cached here; its state is
+  pushed, batched, to the bucket's owner and backup.
+- PEER punts: peer-protocol datagrams.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import structlog
+
+from pylb import packet, peer
+from pylb.dataplane import NO_BACKEND, Classification
+from pylb.errors import Full
+from pylb.flow_cache import TimeoutClass, now_ms
+from pylb.flow_id import FlowKey
+from pylb.ownership import Ownership
+from pylb.peer import MessageType, StateRecord
+from pylb.state_store import StateStore
+from pylb.worker import Action, Punt, PuntReason, Verdict
+
+log = structlog.get_logger("pylb.cluster")
+TCP, UDP = 6, 17
+FIN_RST = 0x05
+AUTHORITATIVE = 1 << 63
+ETH_FOR = {4: b"\0" * 12 + b"\x08\x00", 6: b"\0" * 12 + b"\x86\xdd"}
+
+
+@dataclass
+class Pending:
+    """A state request on its way: the packet is kept so a lost request or
+    answer can be retried, and the fallback can still forward it."""
+
+    key: FlowKey
+    packet: bytes
+    flow_id: int
+    targets: list[str]          # owner, then backup
+    sent_at: float
+    tries: int = 1
+    local: bool = False         # asked for traffic of this balancer: cache the answer
+    waiters: list[str] = field(default_factory=list)   # peers whose requests wait on it
+
+
+def _version(seen_syn: bool) -> int:
+    """A new record's version (docs/peer-protocol.md): wall-clock ms, and the
+    top bit for state from the balancer that saw the flow start, which beats
+    an owner's rule-4 decision made before that state arrived."""
+    return peer.make_version(time.time_ns() // 1_000_000, 0) | (AUTHORITATIVE if seen_syn else 0)
+
+
+def _key_of(p: Punt) -> FlowKey:
+    return FlowKey(p.src, p.dst, p.sport, p.dport, p.proto)
+
+
+def _key_from_bytes(raw: bytes) -> FlowKey:
+    def ip(b: bytes):
+        return ipaddress.IPv4Address(b[12:]) if b[:12] == b"\0" * 10 + b"\xff\xff" \
+            else ipaddress.IPv6Address(b)
+    return FlowKey(ip(raw[0:16]), ip(raw[16:32]), int.from_bytes(raw[32:34], "little"),
+                   int.from_bytes(raw[34:36], "little"), raw[36])
+
+
+class ClusterNode:
+    def __init__(self, lb):
+        self.lb = lb
+        self.name = lb.config.balancer.name
+        self.counters: Counter = Counter()
+        self.peer_stats = peer.PeerStats()
+        self.window = peer.ReplayWindow()
+        self._next_seq = peer.SeqCounter()
+        t = lb.config.balancer.timeouts
+        self.store = StateStore(t.tcp, t.tcp_closing, t.udp, t.other)
+        self.pending: dict[bytes, Pending] = {}
+        self.exchanged: dict[bytes, tuple[FlowKey, int]] = {}   # flows cached via the exchange
+        self._pushes: dict[str, list[StateRecord]] = {}
+        self._last_push = self._last_refresh = self._last_expire = time.monotonic()
+        self.member_gen = 0
+        self._ids_for = None
+        self._prev_members: dict = {}
+        self._prev_ownership: dict[int, Ownership] = {}
+        self._transition_until = 0.0
+        self._leaving: list[bytes] = []
+        before = lb.previous_config.cluster if lb.previous_config else None
+        if before is not None:
+            # Started into a cluster that ran without this configuration (a
+            # join): the former holders are asked first, as after any change.
+            self.members = {m.name: m.address for m in before.balancers}
+        self.apply_config(lb.config)
+
+    # ------------------------------------------------------------ membership
+
+    def apply_config(self, config) -> None:
+        """Takes the cluster section of a (new) configuration. A changed
+        balancer set moves ownership: state is handed to the new holders, and
+        for a transition period the former holders keep their copies and are
+        asked by a new owner that has no state yet (handoff may still be on
+        its way: nothing assumes the cluster changes at one instant)."""
+        c = config.cluster
+        self.config = c
+        self.key = c.key_bytes()
+        members = {m.name: m.address for m in c.balancers}
+        old = getattr(self, "members", None)
+        changed = old is not None and set(old) != set(members)
+        self.members = members
+        if old is None or changed:
+            self.member_gen += 1
+            old_ownership = getattr(self, "_ownership", {})
+            self._ownership: dict[int, Ownership] = {}
+        if changed:
+            self._prev_members = old
+            self._prev_ownership = old_ownership
+            self._transition_until = time.monotonic() + c.handoff_period
+            self._handoff()
+        known = {**(self._prev_members if self._in_transition() else {}), **members}
+        self.by_address = {str(a): n for n, a in known.items()}
+        self.view = peer.view_of(members, self.member_gen, self.lb.generation)
+
+    def _in_transition(self) -> bool:
+        return time.monotonic() < self._transition_until
+
+    def ownership(self, table_size: int) -> Ownership:
+        own = self._ownership.get(table_size)
+        if own is None:
+            own = self._ownership[table_size] = Ownership(self.members, table_size)
+        return own
+
+    def holders(self, table_size: int, bucket: int) -> list[str]:
+        owner, backup = self.ownership(table_size).owners(bucket)
+        return [owner] + ([backup] if backup else [])
+
+    def former_holders(self, table_size: int, bucket: int) -> list[str]:
+        """During a transition: the bucket's holders before the change."""
+        if not self._in_transition():
+            return []
+        own = self._prev_ownership.get(table_size)
+        if own is None:
+            own = self._prev_ownership[table_size] = Ownership(self._prev_members, table_size)
+        owner, backup = own.owners(bucket)
+        return [owner] + ([backup] if backup else [])
+
+    def _handoff(self) -> None:
+        """Rule 5: state moves with ownership, to the new owner and backup.
+        Copies this balancer no longer holds stay until the transition ends."""
+        sent = 0
+        self._leaving = []
+        for rec in self.store.records():
+            c = self._classify(_key_from_bytes(rec.key))
+            if c is None:
+                continue
+            size = self._table_size(c.vip)
+            new = self.holders(size, c.bucket)
+            old = self.former_holders(size, c.bucket)
+            for holder in new:
+                if holder != self.name and holder not in old:
+                    self._queue(holder, rec, MessageType.HANDOFF)
+                    sent += 1
+            if self.name not in new:
+                self._leaving.append(rec.key)
+        self.counters["handoff_records"] += sent
+        for key, (fk, fid) in list(self.exchanged.items()):
+            self._refresh_one(key, fk, fid)
+        self._flush(MessageType.HANDOFF)
+        self._flush(MessageType.REFRESH)
+        log.info("ownership moved", members=sorted(self.members), member_gen=self.member_gen,
+                 handed_off=sent)
+
+    # ------------------------------------------------------------ the miss path
+
+    def decide(self, p: Punt) -> Verdict | None:
+        if p.reason == PuntReason.PEER:
+            return self._on_datagram(p)
+        key = _key_of(p)
+        vip = self.lb.dataplane.vip_names[p.vip]
+        size = self._table_size(vip)
+        holders = self.holders(size, p.bucket)
+        if p.reason == PuntReason.NEW_STATE:
+            self._new_state(key, p, vip, holders)
+            return None
+        kb = key.to_bytes()
+        held = self.store.get(kb)
+        if held is not None:
+            # Owner, backup, or a former holder: the state is here.
+            self.counters["decided_from_store"] += 1
+            return Verdict(p.slot, Action.FORWARD, self._backend_id(vip, held.backend), cache=True)
+        # Owner, then backup, then (while ownership moves) the former holders.
+        former = self.former_holders(size, p.bucket)
+        targets = [h for h in dict.fromkeys(holders + former) if h != self.name]
+        if holders[0] == self.name:
+            targets = [h for h in self.former_holders(size, p.bucket) if h != self.name]
+            if not targets:
+                rec = self._decide_as_owner(key, p.flow_id, p.reason == PuntReason.UDP_MOVED,
+                                            holders)
+                if rec is None:
+                    return Verdict(p.slot, Action.DROP)
+                self.counters["decided_locally"] += 1
+                return Verdict(p.slot, Action.FORWARD, self._backend_id(vip, rec.backend),
+                               cache=True)
+        frame = self.lb.worker.held_frame(p.slot)
+        parsed = packet.parse(frame)
+        ip = frame[parsed.l2_len:parsed.l2_len + parsed.l3_total]
+        pend = self.pending.get(kb)
+        if pend is None:
+            pend = self.pending[kb] = Pending(key, ip, p.flow_id, targets, time.monotonic())
+        else:
+            pend.packet = ip
+        pend.local = True
+        # Every packet of the flow goes via the owner until the answer is here.
+        if not self._send_request(pend):
+            return self._fallback(pend, p.slot)
+        return Verdict(p.slot, Action.PEER)
+
+    def _new_state(self, key: FlowKey, p: Punt, vip: str, holders: list[str]) -> None:
+        """Rule 2: a new flow in a moved bucket: its state goes to owner and backup."""
+        ref = self.lb.dataplane.backends[p.backend]
+        rec = StateRecord(key.to_bytes(), ref.address, _version(seen_syn=True), 0, False)
+        self.exchanged[rec.key] = (key, p.flow_id)
+        for h in holders:
+            if h == self.name:
+                self.store.put(rec)
+            else:
+                self._queue(h, rec, MessageType.STATE_PUSH)
+
+    def _decide_as_owner(self, key: FlowKey, flow_id: int, udp_unknown: bool,
+                         holders: list[str], record: bool = True) -> StateRecord | None:
+        """The owner's answer: its state, else rule 4 (TCP: the previous table,
+        the rule for flows older than the change; UDP: a flow the owner has not
+        seen is new, so the current table), recorded and pushed to the backup."""
+        kb = key.to_bytes()
+        rec = self.store.get(kb)
+        if rec is not None:
+            return rec
+        c = self._classify(key)
+        if c is None:
+            return None
+        ref = c.current if udp_unknown else c.previous
+        if ref is None:
+            self.counters["no_backend"] += 1
+            return None
+        rec = StateRecord(kb, ref.address, _version(seen_syn=False), 0, False)
+        self.counters["decided_by_previous_table" if not udp_unknown else "decided_new_udp"] += 1
+        if not record:
+            return rec
+        self.store.put(rec)
+        for h in holders:
+            if h != self.name:
+                self._queue(h, rec, MessageType.STATE_PUSH)
+        return rec
+
+    def _send_request(self, pend: Pending) -> bool:
+        while pend.targets:
+            target = pend.targets[0]
+            try:
+                self._send(target, MessageType.STATE_REQUEST, (), pend.packet)
+                self.counters["requests_sent"] += 1
+                return True
+            except Exception as exc:  # unreachable next hop: try the backup
+                log.debug("state request not sent", target=target, error=str(exc))
+                pend.targets.pop(0)
+        return False
+
+    def _fallback(self, pend: Pending, slot: int | None) -> Verdict | None:
+        """Owner and backup (or the former holders) unreachable: the stated
+        fallback is rule 4 taken here (TCP: the previous table; UDP: the
+        current), counted, and recorded when this balancer holds the bucket."""
+        kb = pend.key.to_bytes()
+        self.pending.pop(kb, None)
+        self.counters["fallback"] += 1
+        c = self._classify(pend.key)
+        holders = self.holders(self._table_size(c.vip), c.bucket) if c else []
+        rec = self._decide_as_owner(pend.key, pend.flow_id, pend.key.proto == UDP, holders,
+                                    record=self.name in holders) if c else None
+        if rec is None:
+            return Verdict(slot, Action.DROP) if slot is not None else None
+        backend = self._backend_id(c.vip, rec.backend)
+        for waiter in pend.waiters:
+            self._send(waiter, MessageType.STATE_ANSWER, (rec,))
+        if slot is not None:
+            return Verdict(slot, Action.FORWARD, backend, cache=True)
+        self._forward_for(pend.packet, backend, pend.flow_id, pend.key)
+        if pend.local:
+            self._cache(pend.key, pend.flow_id, backend)
+        return None
+
+    def _forward_for(self, ip_packet: bytes, backend: int, flow_id: int, key: FlowKey) -> None:
+        try:
+            self.lb.worker.forward_ip(ip_packet, backend, flow_id)
+            self.counters["forwarded_for_peers"] += 1
+        except Exception as exc:
+            self.counters["forward_for_peer_failed"] += 1
+            log.warning("could not forward a packet", error=str(exc), flow=str(key))
+
+    # ------------------------------------------------------------ peer datagrams
+
+    def _on_datagram(self, p: Punt) -> Verdict:
+        frame = self.lb.worker.held_frame(p.slot)
+        parsed = packet.parse(frame)
+        sender = self.by_address.get(str(parsed.src))
+        if sender is None or sender == self.name:
+            self.peer_stats.count("spoofed")
+            return Verdict(p.slot, Action.DROP)
+        start = parsed.l2_len + parsed.l3_len + 8
+        try:
+            msg = peer.decode(frame[start:parsed.l2_len + parsed.l3_total], self.key)
+        except peer.PeerError as err:
+            self.peer_stats.count(err.reason)
+            return Verdict(p.slot, Action.DROP)
+        if msg.sender != peer.balancer_id(sender):
+            self.peer_stats.count("spoofed")
+            return Verdict(p.slot, Action.DROP)
+        if not self.window.check_and_update(msg.sender, msg.seq):
+            self.peer_stats.count("replayed")
+            return Verdict(p.slot, Action.DROP)
+        if msg.view != self.view:
+            self.peer_stats.count("view_mismatch")
+        self.peer_stats.count("accepted")
+        handler = {MessageType.STATE_REQUEST: self._on_request,
+                   MessageType.STATE_ANSWER: self._on_answer}.get(msg.type, self._on_records)
+        handler(sender, msg)
+        return Verdict(p.slot, Action.PEER)
+
+    def _on_request(self, sender: str, msg) -> None:
+        """Rule 3 at the owner: forward the packet to the flow's backend and
+        answer with the state (rule 4 when it has none). A new holder without
+        the state during a transition asks the former holders first."""
+        inner = packet.parse(ETH_FOR[msg.packet[0] >> 4] + msg.packet)
+        if inner.result != packet.ParseResult.OK or not inner.sport:
+            self.peer_stats.count("malformed")
+            return
+        key = FlowKey(inner.src, inner.dst, inner.sport, inner.dport, inner.l4_proto)
+        c = self._classify(key)
+        if c is None:
+            self.peer_stats.count("malformed")
+            return
+        size = self._table_size(c.vip)
+        holders = self.holders(size, c.bucket)
+        kb = key.to_bytes()
+        rec = self.store.get(kb)
+        if rec is None and self.name in holders:
+            former = [h for h in self.former_holders(size, c.bucket) if h not in (self.name, sender)]
+            if former:
+                pend = self.pending.get(kb)
+                if pend is None:
+                    pend = self.pending[kb] = Pending(key, msg.packet, c.flow_id, former,
+                                                      time.monotonic())
+                pend.packet = msg.packet
+                if sender not in pend.waiters:
+                    pend.waiters.append(sender)
+                if self._send_request(pend):
+                    self.counters["asked_former_holder"] += 1
+                    return
+                self.pending.pop(kb, None)
+        if rec is None:
+            rec = self._decide_as_owner(key, c.flow_id, key.proto == UDP, holders)
+        if rec is None:
+            return
+        if inner.tcp_flags & FIN_RST and not rec.closing:
+            rec = dataclasses.replace(rec, closing=True, version=rec.version + 1)
+            self.store.put(rec)
+        self._forward_for(msg.packet, self._backend_id(c.vip, rec.backend), c.flow_id, key)
+        self._send(sender, MessageType.STATE_ANSWER, (rec,))
+        self.counters["requests_answered"] += 1
+
+    def _on_answer(self, sender: str, msg) -> None:
+        rec = msg.records[0]
+        pend = self.pending.pop(rec.key, None)
+        if pend is None:
+            self.counters["answers_unsolicited"] += 1
+            return
+        if not self._accept(rec):
+            return
+        key = pend.key
+        c = self._classify(key)
+        if self.name in self.holders(self._table_size(c.vip), c.bucket):
+            self.store.put(rec)
+        for waiter in pend.waiters:
+            self._send(waiter, MessageType.STATE_ANSWER, (rec,))
+            self.counters["requests_answered"] += 1
+        if pend.local:
+            self._cache(key, c.flow_id, self._backend_id(c.vip, rec.backend))
+            self.exchanged[rec.key] = (key, c.flow_id)
+            self.counters["answers_cached"] += 1
+
+    def _cache(self, key: FlowKey, flow_id: int, backend: int) -> None:
+        tclass = TimeoutClass.UDP if key.proto == UDP else TimeoutClass.TCP
+        try:
+            self.lb.cache.insert(key.to_bytes(), flow_id, backend, now_ms(), tclass)
+        except Full:
+            self.counters["cache_full"] += 1
+
+    def _on_records(self, sender: str, msg) -> None:
+        if msg.type == MessageType.REMOVE:
+            for r in msg.records:
+                self.store.remove(r.key, r.version)
+            return
+        for rec in msg.records:
+            if self._accept(rec):
+                if self.store.is_stale(rec):
+                    self.peer_stats.count("stale")
+                else:
+                    self.store.put(rec)
+
+    def _accept(self, rec: StateRecord) -> bool:
+        """Rule 5 of the protocol: the backend must belong to the flow's VIP."""
+        c = self._classify(_key_from_bytes(rec.key))
+        if c is None or c.vip is None or self._backend_id(c.vip, rec.backend, strict=True) is None:
+            self.peer_stats.count("bad_backend")
+            return False
+        return True
+
+    # ------------------------------------------------------------ timers
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        c = self.config
+        if self._leaving and not self._in_transition():
+            # The transition is over: copies handed to the new holders go.
+            self.store.drop(self._leaving)
+            self._leaving = []
+            self.by_address = {str(a): n for n, a in self.members.items()}
+        if now - self._last_push >= c.push_interval_ms / 1000.0:
+            self._last_push = now
+            self._flush(MessageType.STATE_PUSH)
+            self._retry(now)
+        if now - self._last_refresh >= c.refresh_interval:
+            self._last_refresh = now
+            for key, (fk, fid) in list(self.exchanged.items()):
+                self._refresh_one(key, fk, fid)
+            self._flush(MessageType.REFRESH)
+        if now - self._last_expire >= 1.0:
+            self._last_expire = now
+            self.store.expire()
+
+    def _retry(self, now: float) -> None:
+        base = self.config.request_timeout_ms / 1000.0
+        for kb, pend in list(self.pending.items()):
+            # Back off per try: an answer may come through a new owner that
+            # itself asks a former holder first.
+            if now - pend.sent_at < base * (1 << min(pend.tries - 1, 4)):
+                continue
+            if pend.tries > self.config.request_retries:
+                pend.targets.pop(0)
+                pend.tries = 0
+                self.counters["owner_unreachable"] += 1
+            pend.tries += 1
+            pend.sent_at = now
+            if self._send_request(pend):
+                self.counters["retries"] += 1
+            else:
+                self._fallback(pend, None)
+
+    def _refresh_one(self, kb: bytes, key: FlowKey, flow_id: int, force: bool = False) -> None:
+        """Rule 6: flows active here keep their owners' copy alive."""
+        hit = self.lb.cache.peek(kb, flow_id, now_ms())
+        if hit is None:
+            del self.exchanged[kb]
+            return
+        c = self._classify(key)
+        if c is None or c.vip is None:
+            return
+        ref = self.lb.dataplane.backends[hit[0]]
+        rec = StateRecord(kb, ref.address, 0, hit[1], False)
+        for h in self.holders(self._table_size(c.vip), c.bucket):
+            if h != self.name:
+                self._queue(h, rec, MessageType.REFRESH)
+
+    # ------------------------------------------------------------ sending
+
+    def _queue(self, target: str, rec: StateRecord, kind: MessageType) -> None:
+        self._pushes.setdefault((target, kind), []).append(rec)
+
+    def _flush(self, kind: MessageType) -> None:
+        for (target, k), records in list(self._pushes.items()):
+            if k != kind or not records:
+                continue
+            del self._pushes[(target, k)]
+            address = self.members.get(target)
+            if address is None:
+                continue
+            for datagram in peer.encode_batches(k, peer.balancer_id(self.name), self.view,
+                                                self._next_seq, records,
+                                                self.lb.config.balancer.data.mtu,
+                                                address.version, self.key):
+                try:
+                    self.lb.worker.send_peer(address, datagram)
+                    self.counters[f"sent_{k.name.lower()}"] += 1
+                except Exception as exc:
+                    self.counters["send_failed"] += 1
+                    log.debug("peer datagram not sent", target=target, error=str(exc))
+
+    def _send(self, target: str, kind: MessageType, records, packet_bytes: bytes | None = None):
+        msg = peer.Message(kind, peer.balancer_id(self.name), self.view, self._next_seq(),
+                           tuple(records), packet_bytes)
+        self.lb.worker.send_peer(self.members[target], peer.encode(msg, self.key))
+
+    # ------------------------------------------------------------ helpers
+
+    def _classify(self, key: FlowKey) -> Classification | None:
+        c = self.lb.dataplane.classify(key)
+        return c if c.vip is not None else None
+
+    def _table_size(self, vip: str) -> int:
+        return self.lb.config.find_vip(vip).table_size
+
+    def _backend_id(self, vip: str, address, strict: bool = False) -> int | None:
+        """The backend id of (VIP, address); strict: only backends of the VIP's
+        current or previous generation (protocol rule 5)."""
+        dp = self.lb.dataplane
+        if self._ids_for is not dp:
+            self._ids_for = dp
+            self._ids = {(r.vip, r.address): r.id for r in dp.backends}
+            self._valid = {(v, r.address) for v in dp.tables for r in dp.backends if r.vip == v
+                           and (r.name in dp.tables[v].names
+                                or (v in dp.previous and r.name in dp.previous[v].names))}
+        if strict and (vip, address) not in self._valid:
+            return None
+        return self._ids.get((vip, address), None if strict else NO_BACKEND)
+
+    def state_entries(self) -> int:
+        return len(self.store)

@@ -1,0 +1,418 @@
+"""The peer protocol: the datagrams balancers exchange flow state with.
+
+The wire format and the acceptance rules are docs/peer-protocol.md; this is
+their one implementation. A receiver applies the rules in order:
+
+1. the IP source and the sender id belong to one configured balancer (the
+   caller, which knows the cluster);
+2. `decode` checks the structure (`malformed`), then the HMAC (`bad_mac`);
+3. `ReplayWindow.check_and_update` checks seq (`replayed`).
+
+Because the MAC is checked before the window is consulted, a forged or
+corrupted message can never advance a sender's window and so can never make
+its genuine messages look replayed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import hmac
+import ipaddress
+import struct
+import time
+from typing import Callable, Iterable
+
+from pylb.errors import PylbError
+from pylb.flow_id import IPAddress, hash_bytes
+
+MAGIC = 0x504C4250          # "PLBP"
+VERSION = 1
+DEFAULT_PORT = 4800
+HEADER_LEN = 48
+RECORD_LEN = 76
+REMOVE_LEN = 48
+MAC_LEN = 16
+# The seed of balancer ids and of the member hash. Fixed by the protocol: every
+# balancer must derive the same id from the same name.
+HASH_SEED = MAGIC
+
+FLAG_HMAC = 0x0001
+_RECORD_CLOSING = 0x01
+_U32, _U64 = (1 << 32) - 1, (1 << 64) - 1
+_MAX_PAYLOAD = 0xFFFF       # payload_len is 16 bits
+_UDP_LEN = 8
+_IP_HEADER_LEN = {4: 20, 6: 40}
+_V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
+
+_HEADER = struct.Struct("!IBBHIIIIQHH12s")
+_STATE = struct.Struct("!40s16sQIB7s")
+_REMOVE = struct.Struct("!40sQ")
+assert (_HEADER.size, _STATE.size, _REMOVE.size) == (HEADER_LEN, RECORD_LEN, REMOVE_LEN)
+
+
+class MessageType(enum.IntEnum):
+    STATE_REQUEST = 1
+    STATE_ANSWER = 2
+    STATE_PUSH = 3
+    HANDOFF = 4
+    REFRESH = 5
+    REMOVE = 6
+
+
+# The types encode_batches may split: the others carry one thing each.
+BATCH_TYPES = frozenset({MessageType.STATE_PUSH, MessageType.HANDOFF, MessageType.REFRESH,
+                         MessageType.REMOVE})
+
+
+class PeerError(PylbError):
+    """A received datagram is not a valid message; `reason` is its drop counter."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def _malformed(detail: str) -> PeerError:
+    return PeerError("malformed", detail)
+
+
+def _check_range(name: str, value: int, high: int) -> None:
+    if not isinstance(value, int) or not 0 <= value <= high:
+        raise ValueError(f"{name} must be an integer 0..{high}, not {value!r}")
+
+
+def balancer_id(name: str) -> int:
+    """The 32-bit id a balancer signs its messages with (the header's sender)."""
+    return hash_bytes(name.encode(), HASH_SEED) & _U32
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """What a sender believes the cluster is: balancer set and table generation."""
+
+    member_gen: int
+    member_hash: int
+    table_gen: int
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            _check_range(field.name, getattr(self, field.name), _U32)
+
+
+def view_of(balancer_names: Iterable[str], member_gen: int, table_gen: int) -> View:
+    """The view of a balancer set; the hash depends on the set, not its order."""
+    names = sorted(set(balancer_names))
+    if any("\n" in name for name in names):
+        # "\n" separates the names: one inside a name would make two sets hash alike.
+        raise ValueError("a balancer name cannot contain a newline")
+    member_hash = hash_bytes("\n".join(names).encode(), HASH_SEED) & _U32
+    return View(member_gen, member_hash, table_gen)
+
+
+def make_version(created_ms: int, counter: int) -> int:
+    """A record version: creation time (wall-clock ms), then an update counter,
+    so versions of one flow only grow. Bit 63 is left to the caller: it marks
+    state from the balancer that saw the flow start (docs/peer-protocol.md)."""
+    _check_range("created_ms", created_ms, (1 << 47) - 1)
+    _check_range("counter", counter, 0xFFFF)
+    return (created_ms << 16) | counter
+
+
+def _check_key(key: bytes) -> None:
+    if not isinstance(key, bytes) or len(key) != 40:
+        raise ValueError(f"a flow key is 40 bytes (FlowKey.to_bytes()), not {key!r}")
+    if key[37:] != b"\0\0\0":
+        raise ValueError("the last 3 bytes of a flow key are zero")
+
+
+def _packed16(address: IPAddress) -> bytes:
+    return _V4_MAPPED + address.packed if address.version == 4 else address.packed
+
+
+def _address16(raw: bytes) -> IPAddress:
+    if raw[:12] == _V4_MAPPED:
+        return ipaddress.IPv4Address(raw[12:])
+    return ipaddress.IPv6Address(raw)
+
+
+@dataclasses.dataclass(frozen=True)
+class StateRecord:
+    """A flow's state: its backend, and how fresh the sender's knowledge is."""
+
+    key: bytes          # FlowKey.to_bytes()
+    backend: IPAddress
+    version: int        # make_version(); a holder never replaces a newer one
+    idle_ms: int        # since the sender last saw a packet of the flow
+    closing: bool       # FIN or RST seen
+
+    def __post_init__(self) -> None:
+        _check_key(self.key)
+        backend = ipaddress.ip_address(self.backend)
+        # The wire cannot tell ::ffff:a.b.c.d from a.b.c.d; both mean the IPv4 backend.
+        backend = getattr(backend, "ipv4_mapped", None) or backend
+        object.__setattr__(self, "backend", backend)
+        _check_range("version", self.version, _U64)
+        _check_range("idle_ms", self.idle_ms, _U32)
+        object.__setattr__(self, "closing", bool(self.closing))
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoveRecord:
+    """A flow ended (FIN/RST or idle) at the version given."""
+
+    key: bytes
+    version: int
+
+    def __post_init__(self) -> None:
+        _check_key(self.key)
+        _check_range("version", self.version, _U64)
+
+
+def _record_class(type_: MessageType) -> type | None:
+    if type_ == MessageType.STATE_REQUEST:
+        return None
+    return RemoveRecord if type_ == MessageType.REMOVE else StateRecord
+
+
+def _record_len(type_: MessageType) -> int:
+    return REMOVE_LEN if type_ == MessageType.REMOVE else RECORD_LEN
+
+
+def _is_ip_packet(packet: bytes) -> bool:
+    # The receiver re-parses the packet by its version nibble; a request that
+    # cannot hold an IP header is refused here, not deep in the miss path.
+    version = packet[0] >> 4 if packet else 0
+    return version in _IP_HEADER_LEN and len(packet) >= _IP_HEADER_LEN[version]
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    """One datagram's content. Always valid: a bad one cannot be built."""
+
+    type: MessageType
+    sender: int
+    view: View
+    seq: int
+    records: tuple = ()
+    packet: bytes | None = None     # STATE_REQUEST only: the client's IP packet
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "type", MessageType(self.type))
+        object.__setattr__(self, "records", tuple(self.records))
+        _check_range("sender", self.sender, _U32)
+        _check_range("seq", self.seq, _U64)
+        if not isinstance(self.view, View):
+            raise ValueError(f"view must be a View, not {self.view!r}")
+        if self.type == MessageType.STATE_REQUEST:
+            if self.records or not isinstance(self.packet, bytes) or not _is_ip_packet(self.packet):
+                raise ValueError("a STATE_REQUEST carries an IP packet and no records")
+            if len(self.packet) > _MAX_PAYLOAD:
+                raise ValueError(f"a packet of {len(self.packet)} bytes does not fit a message")
+            return
+        if self.packet is not None:
+            raise ValueError(f"a {self.type.name} carries no packet")
+        cls = _record_class(self.type)
+        if not all(isinstance(r, cls) for r in self.records):
+            raise ValueError(f"a {self.type.name} carries {cls.__name__}s only")
+        if self.type == MessageType.STATE_ANSWER and len(self.records) != 1:
+            raise ValueError("a STATE_ANSWER carries exactly one record")
+        if len(self.records) * _record_len(self.type) > _MAX_PAYLOAD:
+            raise ValueError(f"{len(self.records)} records do not fit a message")
+
+
+def _payload(msg: Message) -> bytes:
+    if msg.type == MessageType.STATE_REQUEST:
+        return msg.packet
+    if msg.type == MessageType.REMOVE:
+        return b"".join(_REMOVE.pack(r.key, r.version) for r in msg.records)
+    return b"".join(_STATE.pack(r.key, _packed16(r.backend), r.version, r.idle_ms,
+                                _RECORD_CLOSING if r.closing else 0, bytes(7))
+                    for r in msg.records)
+
+
+def _mac(key: bytes, signed: bytes) -> bytes:
+    return hmac.new(key, signed, hashlib.sha256).digest()[:MAC_LEN]
+
+
+def encode(msg: Message, key: bytes | None) -> bytes:
+    """The UDP payload of msg; with a key it carries the HMAC trailer."""
+    payload = _payload(msg)
+    header = _HEADER.pack(MAGIC, VERSION, msg.type, FLAG_HMAC if key is not None else 0,
+                          msg.sender, msg.view.member_gen, msg.view.member_hash,
+                          msg.view.table_gen, msg.seq, len(msg.records), len(payload), bytes(12))
+    signed = header + payload
+    return signed + _mac(key, signed) if key is not None else signed
+
+
+def records_per_message(type_: MessageType, mtu: int, ip_version: int, keyed: bool) -> int:
+    """How many records of type_ fit one datagram whose IP packet is at most mtu."""
+    if ip_version not in _IP_HEADER_LEN:
+        raise ValueError(f"ip_version is 4 or 6, not {ip_version!r}")
+    room = mtu - _IP_HEADER_LEN[ip_version] - _UDP_LEN - HEADER_LEN - (MAC_LEN if keyed else 0)
+    return max(0, min(room, _MAX_PAYLOAD)) // _record_len(MessageType(type_))
+
+
+def encode_batches(type_: MessageType, sender: int, view: View, next_seq: Callable[[], int],
+                   records: Iterable, mtu: int, ip_version: int,
+                   key: bytes | None) -> list[bytes]:
+    """records, in order, in as few datagrams as fit the MTU, each with its own seq."""
+    type_ = MessageType(type_)
+    if type_ not in BATCH_TYPES:
+        raise ValueError(f"{type_.name} messages are not batched")
+    per_message = records_per_message(type_, mtu, ip_version, key is not None)
+    if per_message < 1:
+        raise ValueError(f"an MTU of {mtu} leaves no room for a {type_.name} record")
+    records = tuple(records)
+    return [encode(Message(type_, sender, view, next_seq(), records[start:start + per_message]),
+                   key)
+            for start in range(0, len(records), per_message)]
+
+
+def decode(data: bytes, key: bytes | None) -> Message:
+    """The message in a UDP payload; PeerError("malformed" or "bad_mac") if it is
+    not one. With a key the HMAC must be present and right; without one, a
+    trailer is skipped unchecked (docs/peer-protocol.md, rule 3)."""
+    data = bytes(data)
+    if len(data) < HEADER_LEN:
+        raise _malformed(f"{len(data)} bytes, shorter than a header")
+    (magic, version, type_number, flags, sender, member_gen, member_hash, table_gen, seq, count,
+     payload_len, reserved) = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise _malformed(f"magic {magic:#010x}")
+    if version != VERSION:
+        raise _malformed(f"version {version}")
+    try:
+        type_ = MessageType(type_number)
+    except ValueError:
+        raise _malformed(f"type {type_number}") from None
+    if flags & ~FLAG_HMAC or any(reserved):
+        raise _malformed("unknown flags or non-zero reserved bytes")
+    mac_len = MAC_LEN if flags & FLAG_HMAC else 0
+    if len(data) != HEADER_LEN + payload_len + mac_len:
+        raise _malformed(f"{len(data)} bytes for a payload of {payload_len}")
+    if type_ == MessageType.STATE_REQUEST:
+        if count != 0:
+            raise _malformed("a STATE_REQUEST with records")
+    elif payload_len != count * _record_len(type_):
+        raise _malformed(f"{count} records in {payload_len} bytes")
+    elif type_ == MessageType.STATE_ANSWER and count != 1:
+        raise _malformed(f"a STATE_ANSWER with {count} records")
+
+    # Authenticate before looking inside the payload: a forged message is
+    # counted as such, and its content is never parsed.
+    signed_len = HEADER_LEN + payload_len
+    if key is not None:
+        if not mac_len:
+            raise PeerError("bad_mac", "no HMAC and a key is configured")
+        if not hmac.compare_digest(data[signed_len:], _mac(key, data[:signed_len])):
+            raise PeerError("bad_mac", "wrong HMAC")
+
+    view = View(member_gen, member_hash, table_gen)
+    payload = data[HEADER_LEN:signed_len]
+    if type_ == MessageType.STATE_REQUEST:
+        if not _is_ip_packet(payload):
+            raise _malformed("a STATE_REQUEST without an IP packet")
+        return Message(type_, sender, view, seq, (), payload)
+    try:
+        records = tuple(_decode_records(type_, payload))
+    except ValueError as err:
+        raise _malformed(str(err)) from None
+    return Message(type_, sender, view, seq, records)
+
+
+def _decode_records(type_: MessageType, payload: bytes):
+    if type_ == MessageType.REMOVE:
+        for key, version in _REMOVE.iter_unpack(payload):
+            yield RemoveRecord(key, version)
+        return
+    for key, backend, version, idle_ms, flags, pad in _STATE.iter_unpack(payload):
+        if flags & ~_RECORD_CLOSING or any(pad):
+            raise ValueError("unknown record flags or non-zero record padding")
+        yield StateRecord(key, _address16(backend), version, idle_ms,
+                          bool(flags & _RECORD_CLOSING))
+
+
+class SeqCounter:
+    """A sender's seq source (a next_seq for encode_batches).
+
+    It starts at the wall clock in nanoseconds, so a restarted balancer goes on
+    above the numbers of its previous life: receivers keep their replay
+    windows, and a counter restarting at 1 would be dropped as replayed.
+    """
+
+    def __init__(self, clock: Callable[[], int] = time.time_ns):
+        self._last = clock() & _U64
+
+    def __call__(self) -> int:
+        self._last += 1
+        return self._last
+
+
+class ReplayWindow:
+    """Per-sender sliding window over seq (as IPsec's, RFC 4303 3.4.3).
+
+    A seq is accepted once if it is above the sender's highest seen, or within
+    the SIZE below it and not seen yet. Feed it only messages `decode` has
+    accepted: the window moves on every accepted seq.
+    """
+
+    SIZE = 64
+
+    def __init__(self) -> None:
+        # sender -> (highest seq seen, bitmap: bit i set = highest - i seen)
+        self._senders: dict[int, tuple[int, int]] = {}
+
+    def check_and_update(self, sender: int, seq: int) -> bool:
+        """True (and remembered) for a new seq; False for a replayed or too old one."""
+        state = self._senders.get(sender)
+        if state is None:
+            self._senders[sender] = (seq, 1)
+            return True
+        highest, seen = state
+        if seq > highest:
+            shift = seq - highest
+            seen = (seen << shift | 1) & ((1 << self.SIZE) - 1) if shift < self.SIZE else 1
+            self._senders[sender] = (seq, seen)
+            return True
+        offset = highest - seq
+        if offset >= self.SIZE or seen >> offset & 1:
+            return False
+        self._senders[sender] = (highest, seen | 1 << offset)
+        return True
+
+
+REASONS = ("accepted", "spoofed", "malformed", "bad_mac", "replayed", "bad_backend", "stale",
+           "view_mismatch")
+
+
+@dataclasses.dataclass
+class PeerStats:
+    """Peer-protocol counters by reason.
+
+    Messages: received == accepted + spoofed + malformed + bad_mac + replayed;
+    view_mismatch counts accepted messages whose view differed. Records of
+    accepted messages: bad_backend and stale count the ones that changed nothing.
+    """
+
+    accepted: int = 0
+    spoofed: int = 0
+    malformed: int = 0
+    bad_mac: int = 0
+    replayed: int = 0
+    bad_backend: int = 0
+    stale: int = 0
+    view_mismatch: int = 0
+
+    def count(self, reason: str, n: int = 1) -> None:
+        if reason not in REASONS:
+            # A typo must not quietly start a counter nobody reads.
+            raise ValueError(f"unknown peer counter {reason!r}")
+        setattr(self, reason, getattr(self, reason) + n)
+
+    @property
+    def received(self) -> int:
+        return self.accepted + self.spoofed + self.malformed + self.bad_mac + self.replayed
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)

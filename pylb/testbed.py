@@ -1,0 +1,255 @@
+"""Several balancers in one process: each on a ring: port, a scripted ECMP
+"router" in front, peer traffic carried between them, and backends that
+record which flow reached them. Used by the scenario tests and
+`pylb scenarios`; the balancers run the real shim and the real miss path.
+"""
+from __future__ import annotations
+
+import ipaddress
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from pylb import config as config_mod
+from pylb import packet, traffic
+from pylb.balancer import Balancer
+from pylb.flow_id import hash_bytes
+
+GATEWAY = "203.0.113.254"
+GATEWAY_MAC = "02:00:00:00:00:fe"
+CLIENT_MAC = "02:00:00:00:00:c1"
+VIP = "192.0.2.10"
+KEY = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+
+
+def lb_address(i: int) -> str:
+    return f"203.0.113.{1 + i}"
+
+
+def backend_address(i: int) -> str:
+    return f"203.0.113.{100 + i}"
+
+
+@dataclass
+class Backends:
+    """What the backends received: frames per flow per backend address."""
+
+    by_flow: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
+    frames: int = 0
+
+    def record(self, d: traffic.Delivery) -> None:
+        self.by_flow[d.flow][d.backend] += 1
+        self.frames += 1
+
+
+class Testbed:
+    def __init__(self, balancers: list[str], backends: list[str], state_exchange: bool = True,
+                 table_size: int = 65537, key: str | None = KEY, track: str = "all"):
+        self.names = list(balancers)
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self.backends = list(backends)
+        self.previous_backends: list[str] | None = None
+        self.state_exchange = state_exchange
+        self.table_size = table_size
+        self.key = key
+        self.track = track
+        self.lbs: dict[str, Balancer] = {}
+        self.alive: set[str] = set()
+        self.router: list[str] = []
+        self.received = Backends()
+        self.sent_frames = 0
+        self.sent_by_flow: dict = defaultdict(int)
+        self.lost_peer_frames = 0
+        try:
+            for name in self.names:
+                self.lbs[name] = Balancer(self.config(name))
+                self.alive.add(name)
+                self.router.append(name)
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------ configuration
+
+    def config(self, name: str, backends: list[str] | None = None,
+               members: list[str] | None = None) -> config_mod.Config:
+        backends = self.backends if backends is None else backends
+        members = [{"name": n, "address": lb_address(self.index[n])}
+                   for n in (self.names if members is None else members)]
+        return config_mod.parse({
+            "balancer": {
+                "name": name,
+                "data": {"device": f"ring:tb_{name}", "address_v4": lb_address(self.index[name]),
+                         "gateway_v4": GATEWAY,
+                         "neighbors": [{"address": GATEWAY, "mac": GATEWAY_MAC}]},
+                "flow_cache": {"capacity": 65536, "track": self.track},
+                "max_held": 4096,
+            },
+            "cluster": {"balancers": members, "state_exchange": self.state_exchange,
+                        "key": self.key, "request_timeout_ms": 100, "push_interval_ms": 1},
+            "vips": [{"name": "web", "address": VIP, "protocol": "tcp", "port": 80,
+                      "table_size": self.table_size,
+                      "backends": [{"name": b, "address": backend_address(int(b.split("-")[1]))}
+                                   for b in backends]}],
+        }, f"testbed {name}")
+
+    def add_balancer(self, name: str, join_router: bool = True) -> None:
+        """A balancer joins: configured everywhere, then (optionally) in the router."""
+        self.index.setdefault(name, len(self.index))
+        before = [n for n in self.names if n != name]
+        if name not in self.names:
+            self.names.append(name)
+        # It joins while the last backend change's previous generation is in
+        # force, into a cluster that ran without it.
+        previous = self.config(before[0], self.previous_backends or self.backends, before)
+        self.lbs[name] = Balancer(self.config(name), previous_config=previous)
+        self.alive.add(name)
+        if join_router:
+            self.router.append(name)
+        for other in self.alive - {name}:
+            self.lbs[other].reconfigure(self.config(other))
+
+    def set_backends(self, backends: list[str]) -> None:
+        """A backend change applied on every live balancer (as configuration management would)."""
+        self.previous_backends = self.backends
+        self.backends = list(backends)
+        for name in self.alive:
+            self.lbs[name].reconfigure(self.config(name))
+
+    def remove_balancer(self, name: str) -> None:
+        """A balancer leaves the cluster configuration (after leaving the router)."""
+        self.names.remove(name)
+        for other in self.alive - {name}:
+            self.lbs[other].reconfigure(self.config(other))
+
+    def kill(self, name: str) -> None:
+        """The balancer stops dead: no more processing, frames sent to it are lost."""
+        self.alive.discard(name)
+        if name in self.router:
+            self.router.remove(name)
+        self.lbs[name].close()
+        del self.lbs[name]
+
+    def set_router(self, names: list[str]) -> None:
+        self.router = list(names)
+
+    # ------------------------------------------------------------ traffic
+
+    def route(self, flow: traffic.Flow) -> str:
+        """The router's ECMP: a hash of the 5-tuple modulo the next hops, as a
+        router without resilient hashing does, so a change moves most flows."""
+        h = hash_bytes(str(flow).encode(), 7)
+        return self.router[h % len(self.router)]
+
+    def send(self, flows: list[traffic.Flow], kind: str) -> None:
+        """One frame of each flow through the router."""
+        by_lb = defaultdict(list)
+        for f in flows:
+            self.sent_by_flow[_fkey(f)] += 1
+            lb = self.route(f)
+            mac = self.lbs[lb].port.mac
+            by_lb[lb] += f.frames(mac, CLIENT_MAC, [kind])
+        for lb, frames in by_lb.items():
+            self._inject(lb, frames)
+            self.sent_frames += len(frames)
+        self.settle()
+
+    def _inject(self, lb: str, frames: list[bytes]) -> None:
+        if lb not in self.alive:
+            self.lost_peer_frames += len(frames)
+            return
+        port = self.lbs[lb].port
+        done = 0
+        while done < len(frames):
+            n = port.inject(frames[done:])
+            done += n
+            if n == 0:
+                self.step()
+
+    def step(self) -> int:
+        """Every live balancer runs once; what they sent is delivered."""
+        moved = 0
+        for name in list(self.alive):
+            lb = self.lbs[name]
+            lb.step(max_bursts=64, max_idle_us=0)
+            for frame in lb.port.drain():
+                moved += 1
+                self._deliver(frame)
+        return moved
+
+    def _deliver(self, frame: bytes) -> None:
+        p = packet.parse(frame)
+        if p.result != packet.ParseResult.OK or p.l3 != packet.L3.IPV4:
+            return                                    # ARP and the like: no one else asks
+        dst = str(p.dst)
+        for name in self.names:
+            if lb_address(self.index[name]) == dst:
+                self._inject(name, [frame])
+                return
+        d = traffic.decapsulate(frame)
+        if d is not None:
+            self.received.record(d)
+
+    def settle(self, timeout: float = 10.0) -> None:
+        """Runs until nothing is in flight and no state request waits."""
+        deadline = time.monotonic() + timeout
+        quiet = 0
+        while time.monotonic() < deadline:
+            moved = self.step()
+            waiting = any(self.lbs[n].cluster.pending for n in self.alive)
+            quiet = quiet + 1 if not moved and not waiting else 0
+            if quiet >= 3:
+                return
+            if not moved:
+                time.sleep(0.001)
+
+    # ------------------------------------------------------------ results
+
+    def broken(self, flows: list[traffic.Flow]) -> int:
+        return sum(1 for f in flows if len(self.received.by_flow.get(_fkey(f), ())) > 1)
+
+    def delivered(self, flows: list[traffic.Flow]) -> int:
+        return sum(sum(self.received.by_flow.get(_fkey(f), {}).values()) for f in flows)
+
+    def lost(self, flows: list[traffic.Flow]) -> int:
+        """Frames sent and not delivered, flow by flow (a duplicate of one
+        frame does not make up for another's loss)."""
+        return sum(max(0, self.sent_by_flow[_fkey(f)]
+                       - sum(self.received.by_flow.get(_fkey(f), {}).values())) for f in flows)
+
+    def duplicated(self, flows: list[traffic.Flow]) -> int:
+        """Frames delivered more than once (a retried state request)."""
+        return sum(max(0, sum(self.received.by_flow.get(_fkey(f), {}).values())
+                       - self.sent_by_flow[_fkey(f)]) for f in flows)
+
+    def state_entries(self) -> int:
+        return sum(self.lbs[n].cluster.state_entries() for n in self.alive)
+
+    def counters(self) -> dict:
+        total = defaultdict(int)
+        for n in self.alive:
+            for k, v in self.lbs[n].cluster.counters.items():
+                total[k] += v
+        return dict(total)
+
+    def close(self) -> None:
+        for lb in self.lbs.values():
+            lb.close()
+        self.lbs.clear()
+        self.alive.clear()
+
+    def __enter__(self) -> "Testbed":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _fkey(f: traffic.Flow) -> tuple:
+    return (f.proto, str(ipaddress.ip_address(f.src)), f.sport, str(ipaddress.ip_address(f.dst)),
+            f.dport)
+
+
+def flows(n: int, seed: int) -> list[traffic.Flow]:
+    return traffic.make_flows([("web", VIP, 6, 80)], n, random.Random(seed))
