@@ -19,7 +19,7 @@ int pylb_fail(int status, const char *fmt, ...)
     return status;
 }
 
-uint32_t pylb_now_ms(void)
+PYLB_API uint32_t pylb_now_ms(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);

@@ -44,7 +44,5 @@ uint64_t pylb_hash_bytes(const uint8_t *data, size_t len, uint64_t seed);
 /* 1 once pylb_eal_init succeeded (rte_malloc and mempools usable). */
 int pylb_eal_running(void);
 
-/* Monotonic milliseconds, the clock of the flow cache. */
-uint32_t pylb_now_ms(void);
 
 #endif

@@ -61,6 +61,8 @@ int pylb_eal_init(int argc, char **argv);
 int pylb_eal_cleanup(void);
 /* 1 when the EAL runs on hugepages, 0 with --no-huge. */
 int pylb_eal_hugepages(void);
+/* The shim's clock, in the flow cache's unit: monotonic ms, 32 bits. */
+uint32_t pylb_now_ms(void);
 
 /* ------------------------------------------------------------------ addresses and keys */
 

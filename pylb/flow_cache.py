@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import mmap
-import time
 
 from pylb._ffi import check, ffi, lib
 from pylb.errors import InvalidArgument, StateError
@@ -47,7 +46,7 @@ class Timeouts:
 
 def now_ms() -> int:
     """The flow cache's clock (the shim's pylb_now_ms): monotonic ms, 32 bits."""
-    return int(time.clock_gettime(time.CLOCK_MONOTONIC_COARSE) * 1000) & _U32
+    return lib.pylb_now_ms()
 
 
 def footprint_for(capacity: int) -> int:
