@@ -66,6 +66,21 @@ def test_which_for_no_vip_and_bad_flow():
     assert r.returncode != 0 and "bad flow" in r.stderr
 
 
+def test_which_without_a_cluster_names_this_balancer_as_sole_owner():
+    # No cluster section: the one balancer owns every bucket and has no backup.
+    flow = "tcp 198.51.100.7:40000 -> 192.0.2.10:80"
+    r = pylb("which", "--config", str(EXAMPLE), flow)
+    assert r.returncode == 0, r.stderr
+    assert "owner    lb-pcap (single balancer)\n" in r.stdout
+    assert "backup" not in r.stdout
+    r = pylb("which", "--config", str(EXAMPLE), "--json", flow)
+    got = json.loads(r.stdout)
+    assert (got["owner"], got["backup"]) == ("lb-pcap", None)
+    r = pylb("which", "--config", str(EXAMPLE), "--json", "tcp 198.51.100.7:1 -> 192.0.2.99:80")
+    got = json.loads(r.stdout)
+    assert got["vip"] is None and (got["owner"], got["backup"]) == (None, None)
+
+
 def test_table_json_matches_the_reference():
     r = pylb("table", "--config", str(EXAMPLE), "--vip", "dns", "--json")
     assert r.returncode == 0, r.stderr
