@@ -20,6 +20,7 @@ class Result:
     lost: int              # frames sent and never delivered
     duplicated: int        # frames delivered twice (a state request retried)
     state_entries: int     # flow states held in owners' stores at the end
+    moved_flows: int       # flows in buckets whose backend changed (where state is needed)
     counters: dict = field(default_factory=dict)
 
 
@@ -103,7 +104,8 @@ def run(name: str, exchange: bool, n_flows: int = 2000, seed: int = 1) -> Result
     with testbed.Testbed(["lb1", "lb2", "lb3"], BACKENDS[:4], state_exchange=exchange) as tb:
         SCENARIOS[name](tb, flows)
         return Result(name, exchange, n_flows, tb.broken(flows), tb.lost(flows),
-                      tb.duplicated(flows), tb.state_entries(), tb.counters())
+                      tb.duplicated(flows), tb.state_entries(), tb.moved_flows(flows),
+                      tb.counters())
 
 
 def run_all(n_flows: int = 2000, seed: int = 1, echo=print) -> list[Result]:
@@ -111,8 +113,8 @@ def run_all(n_flows: int = 2000, seed: int = 1, echo=print) -> list[Result]:
     for name in SCENARIOS:
         for exchange in (True, False):
             results.append(run(name, exchange, n_flows, seed))
-    rows = [[r.scenario, "on" if r.exchange else "off", r.flows, r.broken, r.lost, r.duplicated,
-             r.state_entries] for r in results]
-    echo(table(["scenario", "state exchange", "flows", "broken", "frames lost", "duplicated",
-                "state entries"], rows))
+    rows = [[r.scenario, "on" if r.exchange else "off", r.flows, r.moved_flows, r.broken, r.lost,
+             r.duplicated, r.state_entries] for r in results]
+    echo(table(["scenario", "state exchange", "flows", "in moved buckets", "broken",
+                "frames lost", "duplicated", "state entries"], rows))
     return results

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pylb import config as config_mod
 from pylb import packet, traffic
 from pylb.balancer import Balancer
-from pylb.flow_id import hash_bytes
+from pylb.flow_id import FlowKey, hash_bytes
 
 GATEWAY = "203.0.113.254"
 GATEWAY_MAC = "02:00:00:00:00:fe"
@@ -222,6 +222,19 @@ class Testbed:
         """Frames delivered more than once (a retried state request)."""
         return sum(max(0, sum(self.received.by_flow.get(_fkey(f), {}).values())
                        - self.sent_by_flow[_fkey(f)]) for f in flows)
+
+    def moved_flows(self, flows: list[traffic.Flow]) -> int:
+        """Flows whose bucket changed backend in the last change: the only
+        flows that need state anywhere."""
+        lb = self.lbs[next(iter(self.alive))]
+        if not lb.dataplane.previous:
+            return 0
+        n = 0
+        for f in flows:
+            c = lb.dataplane.classify(FlowKey(ipaddress.ip_address(f.src),
+                                              ipaddress.ip_address(f.dst), f.sport, f.dport, f.proto))
+            n += c.moved
+        return n
 
     def state_entries(self) -> int:
         return sum(self.lbs[n].cluster.state_entries() for n in self.alive)
