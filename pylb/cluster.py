@@ -82,7 +82,9 @@ class ClusterNode:
         t = lb.config.balancer.timeouts
         self.store = StateStore(t.tcp, t.tcp_closing, t.udp, t.other)
         self.pending: dict[bytes, Pending] = {}
-        self.exchanged: dict[bytes, tuple[FlowKey, int]] = {}   # flows cached via the exchange
+        # Flows this balancer forwards with exchanged state: key -> (FlowKey,
+        # flow id, version); refreshed to their holders while they live.
+        self.exchanged: dict[bytes, tuple[FlowKey, int, int]] = {}
         self._pushes: dict[str, list[StateRecord]] = {}
         self._last_push = self._last_refresh = self._last_expire = time.monotonic()
         self.member_gen = 0
@@ -168,8 +170,8 @@ class ClusterNode:
             if self.name not in new:
                 self._leaving.append(rec.key)
         self.counters["handoff_records"] += sent
-        for key, (fk, fid) in list(self.exchanged.items()):
-            self._refresh_one(key, fk, fid)
+        for key, (fk, fid, version) in list(self.exchanged.items()):
+            self._refresh_one(key, fk, fid, version)
         self._flush(MessageType.HANDOFF)
         self._flush(MessageType.REFRESH)
         log.info("ownership moved", members=sorted(self.members), member_gen=self.member_gen,
@@ -192,6 +194,7 @@ class ClusterNode:
         if held is not None:
             # Owner, backup, or a former holder: the state is here.
             self.counters["decided_from_store"] += 1
+            self.exchanged[kb] = (key, p.flow_id, held.version)
             return Verdict(p.slot, Action.FORWARD, self._backend_id(vip, held.backend), cache=True)
         # Owner, then backup, then (while ownership moves) the former holders.
         former = self.former_holders(size, p.bucket)
@@ -204,6 +207,7 @@ class ClusterNode:
                 if rec is None:
                     return Verdict(p.slot, Action.DROP)
                 self.counters["decided_locally"] += 1
+                self.exchanged[kb] = (key, p.flow_id, rec.version)
                 return Verdict(p.slot, Action.FORWARD, self._backend_id(vip, rec.backend),
                                cache=True)
         frame = self.lb.worker.held_frame(p.slot)
@@ -224,7 +228,7 @@ class ClusterNode:
         """Rule 2: a new flow in a moved bucket: its state goes to owner and backup."""
         ref = self.lb.dataplane.backends[p.backend]
         rec = StateRecord(key.to_bytes(), ref.address, _version(seen_syn=True), 0, False)
-        self.exchanged[rec.key] = (key, p.flow_id)
+        self.exchanged[rec.key] = (key, p.flow_id, rec.version)
         for h in holders:
             if h == self.name:
                 self.store.put(rec)
@@ -388,7 +392,7 @@ class ClusterNode:
             self.counters["requests_answered"] += 1
         if pend.local:
             self._cache(key, c.flow_id, self._backend_id(c.vip, rec.backend))
-            self.exchanged[rec.key] = (key, c.flow_id)
+            self.exchanged[rec.key] = (key, c.flow_id, rec.version)
             self.counters["answers_cached"] += 1
 
     def _cache(self, key: FlowKey, flow_id: int, backend: int) -> None:
@@ -405,7 +409,9 @@ class ClusterNode:
             return
         for rec in msg.records:
             if self._accept(rec):
-                if self.store.is_stale(rec):
+                if msg.type == MessageType.REFRESH:
+                    self.store.refresh(rec)
+                elif self.store.is_stale(rec):
                     self.peer_stats.count("stale")
                 else:
                     self.store.put(rec)
@@ -434,9 +440,10 @@ class ClusterNode:
             self._retry(now)
         if now - self._last_refresh >= c.refresh_interval:
             self._last_refresh = now
-            for key, (fk, fid) in list(self.exchanged.items()):
-                self._refresh_one(key, fk, fid)
+            for key, (fk, fid, version) in list(self.exchanged.items()):
+                self._refresh_one(key, fk, fid, version)
             self._flush(MessageType.REFRESH)
+            self._flush(MessageType.REMOVE)
         if now - self._last_expire >= 1.0:
             self._last_expire = now
             self.store.expire()
@@ -459,19 +466,29 @@ class ClusterNode:
             else:
                 self._fallback(pend, None)
 
-    def _refresh_one(self, kb: bytes, key: FlowKey, flow_id: int, force: bool = False) -> None:
-        """Rule 6: flows active here keep their owners' copy alive."""
+    def _refresh_one(self, kb: bytes, key: FlowKey, flow_id: int, version: int) -> None:
+        """Rule 6: a flow active here keeps its holders' copy alive; one that
+        ended here (gone from the cache) is removed from them."""
+        c = self._classify(key)
+        if c is None:
+            del self.exchanged[kb]
+            return
+        holders = self.holders(self._table_size(c.vip), c.bucket)
         hit = self.lb.cache.peek(kb, flow_id, now_ms())
         if hit is None:
             del self.exchanged[kb]
-            return
-        c = self._classify(key)
-        if c is None or c.vip is None:
+            for h in holders:
+                if h == self.name:
+                    self.store.remove(kb, version)
+                else:
+                    self._queue(h, peer.RemoveRecord(kb, version), MessageType.REMOVE)
             return
         ref = self.lb.dataplane.backends[hit[0]]
-        rec = StateRecord(kb, ref.address, 0, hit[1], False)
-        for h in self.holders(self._table_size(c.vip), c.bucket):
-            if h != self.name:
+        rec = StateRecord(kb, ref.address, version, hit[1], False)
+        for h in holders:
+            if h == self.name:
+                self.store.refresh(rec)
+            else:
                 self._queue(h, rec, MessageType.REFRESH)
 
     # ------------------------------------------------------------ sending

@@ -63,6 +63,16 @@ class StateStore:
         self._entries[record.key] = Entry(record, seen)
         return True
 
+    def refresh(self, record: StateRecord) -> None:
+        """A flow still active at a balancer: renews the held copy whatever
+        its version (a refresh carries no newer state), or keeps the record
+        when none is held."""
+        entry = self._entries.get(record.key)
+        if entry is not None and self._live(entry, self._clock()):
+            entry.seen = max(entry.seen, self._clock() - record.idle_ms / 1000.0)
+        else:
+            self.put(record)
+
     def is_stale(self, record: StateRecord) -> bool:
         entry = self._entries.get(record.key)
         return entry is not None and record.version < entry.record.version
