@@ -6,6 +6,30 @@
 #include <rte_udp.h>
 #include "worker.h"
 
+PYLB_API int pylb_worker_peer_recv(struct pylb_worker *w, uint8_t *buf, uint32_t stride,
+                                   uint32_t *lens, uint32_t max, uint32_t *n, uint32_t *cut)
+{
+    uint32_t got = 0, short_copies = 0;
+    while (got < max) {
+        struct rte_mbuf *m[PYLB_BURST];
+        uint32_t k = rte_ring_dequeue_burst(w->peer_ring, (void **)m,
+                                            RTE_MIN(max - got, (uint32_t)PYLB_BURST), NULL);
+        if (k == 0)
+            break;
+        for (uint32_t i = 0; i < k; i++, got++) {
+            uint32_t take = RTE_MIN((uint32_t)m[i]->data_len, stride);
+            memcpy(buf + (size_t)got * stride, rte_pktmbuf_mtod(m[i], const uint8_t *), take);
+            lens[got] = take;
+            short_copies += take < m[i]->data_len;
+        }
+        rte_pktmbuf_free_bulk(m, k);
+    }
+    *n = got;
+    if (cut)
+        *cut = short_copies;
+    return PYLB_OK;
+}
+
 PYLB_API int pylb_worker_held_frame(const struct pylb_worker *w, uint32_t slot, uint8_t *buf,
                                     uint32_t size, uint32_t *len)
 {

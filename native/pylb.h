@@ -338,7 +338,6 @@ int pylb_port_drain(struct pylb_port *p, uint8_t *buf, uint32_t stride, uint32_t
 enum pylb_punt_reason {
     PYLB_PUNT_MOVED = 1,      /* held: existing flow, no state, moved bucket */
     PYLB_PUNT_NEW_STATE = 2,  /* notice: new flow in a moved bucket was cached; push its state */
-    PYLB_PUNT_PEER = 3,       /* held: a peer message for this balancer */
     PYLB_PUNT_UDP_MOVED = 4   /* held: UDP flow with no state in a moved bucket */
 };
 
@@ -348,7 +347,7 @@ struct pylb_punt {
     uint32_t slot;            /* held packet slot, or PYLB_NO_BACKEND for a notice */
     uint8_t reason;           /* enum pylb_punt_reason */
     uint8_t tcp_flags;
-    int16_t vip;              /* VIP index, -1 for peer messages */
+    int16_t vip;              /* VIP index in the dataplane */
     uint64_t flow_id;
     uint32_t bucket;
     uint32_t current;         /* backend id in the current table */
@@ -360,7 +359,7 @@ struct pylb_punt {
 enum pylb_verdict_action {
     PYLB_VERDICT_FORWARD = 1,   /* encapsulate to backend (and cache if cache=1) */
     PYLB_VERDICT_DROP = 2,
-    PYLB_VERDICT_PEER = 3       /* consumed by the peer protocol (sent to the owner, or a peer message handled) */
+    PYLB_VERDICT_PEER = 3       /* sent to the flow's owner by the peer protocol */
 };
 
 struct pylb_verdict {
@@ -388,14 +387,14 @@ struct pylb_worker_conf {
  * (or is still held for Python), so whenever no call is running:
  *
  *   rx == fwd_cache_hit + fwd_new + fwd_table + fwd_fragment + fwd_verdict
- *         + verdict_peer + arp_replied + nd_replied + neigh_learned
+ *         + verdict_peer + peer_rx + arp_replied + nd_replied + neigh_learned
  *         + exception_tap + drop_total + held_now
  *   held == verdict_forward + verdict_drop + verdict_peer + held_now
  *   verdict_forward == fwd_verdict + (verdict forwards dropped by a drop_* reason)
  *   drop_total == drop_parse_truncated + drop_parse_bad + drop_not_ip
  *                 + drop_no_vip + drop_no_backend + drop_no_neighbor
  *                 + drop_too_big + drop_encap + drop_icmp + drop_arp_other
- *                 + drop_exception + drop_verdict
+ *                 + drop_exception + drop_verdict + drop_peer_ring_full
  *   drop_verdict == verdict_drop
  *   tx_ok + tx_dropped == fwd_cache_hit + fwd_new + fwd_table + fwd_fragment
  *         + fwd_verdict + fwd_for_peer + peer_sent + arp_replied + nd_replied
@@ -415,6 +414,7 @@ struct pylb_stats {
     uint64_t fwd_for_peer;      /* packets a peer sent us (as owner), forwarded */
     uint64_t fwd_for_peer_failed; /* of those, not sent (no neighbour, too big...) */
     uint64_t peer_sent;         /* peer protocol datagrams sent */
+    uint64_t peer_rx;           /* peer protocol datagrams put on the peer ring */
     uint64_t held;              /* handed to Python and held */
     uint64_t held_now;
     uint64_t verdict_forward;
@@ -441,6 +441,7 @@ struct pylb_stats {
     uint64_t drop_arp_other;
     uint64_t drop_exception;
     uint64_t drop_verdict;
+    uint64_t drop_peer_ring_full; /* Python did not read the peer ring in time */
     uint64_t cache_insert;
     uint64_t cache_full;        /* set full: forwarded by the table, not cached */
     uint64_t tx_ok;
@@ -480,6 +481,11 @@ int pylb_worker_solicit(struct pylb_worker *w, const struct pylb_ip *ip);
  * What the peer protocol (pylb/cluster.py, docs/peer-protocol.md) needs of
  * the data path; the protocol itself is Python's. */
 
+/* Takes up to max peer-protocol frames (UDP to this balancer's data address
+ * and peer port) from the worker's peer ring, copying each into buf + i*stride
+ * (length in lens[i]; longer frames are cut and counted in *cut). */
+int pylb_worker_peer_recv(struct pylb_worker *w, uint8_t *buf, uint32_t stride, uint32_t *lens,
+                          uint32_t max, uint32_t *n, uint32_t *cut);
 /* Copies the frame of a held packet (slot from a punt) into buf. */
 int pylb_worker_held_frame(const struct pylb_worker *w, uint32_t slot, uint8_t *buf,
                            uint32_t size, uint32_t *len);

@@ -2,6 +2,7 @@
  * up in the cache, else decide by the destination table, encapsulate and
  * buffer for TX. Packets that need a decision beyond that are held and handed
  * to Python in batches (struct pylb_punt); nothing is dropped meanwhile. */
+#include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
 #include <rte_cycles.h>
@@ -13,6 +14,7 @@
 #define TCP_RST 0x04
 #define TCP_ACK 0x10
 #define EMPTY_POLLS_BEFORE_SLEEP 64
+#define PEER_RING_SIZE 4096
 
 void worker_count_drop(struct pylb_worker *w, uint64_t *reason, struct rte_mbuf *m)
 {
@@ -226,11 +228,12 @@ static int handle_frame(struct pylb_worker *w, struct rte_mbuf *m, uint32_t now,
         return 0;
     if (dp_is_local(dp, &pp.key.dst) && dp->peer_port && pp.l4_proto == 17 &&
         pp.key.dport == dp->peer_port && (pp.flags & PYLB_PF_HAS_L4)) {
-        punt->reason = PYLB_PUNT_PEER;
-        punt->vip = -1;
-        punt->bucket = 0;
-        punt->current = punt->previous = punt->backend = PYLB_NO_BACKEND;
-        return hold(w, m, &pp, 0, punt);
+        /* Peer messages take their own ring, never the VIP path. */
+        if (rte_ring_enqueue(w->peer_ring, m) == 0)
+            w->st.peer_rx++;
+        else
+            worker_count_drop(w, &w->st.drop_peer_ring_full, m);
+        return 0;
     }
     if (pp.l4_proto == 1 || pp.l4_proto == 58)
         to_exception(w, m, &w->st.drop_icmp);
@@ -365,9 +368,15 @@ PYLB_API int pylb_worker_create(const struct pylb_worker_conf *c, struct pylb_wo
     w->max_held = max_held;
     w->tx_drain_tsc = (uint64_t)(c->tx_drain_us ? c->tx_drain_us : 100) * rte_get_tsc_hz() / 1000000u;
     w->txb = rte_zmalloc("pylb_txb", RTE_ETH_TX_BUFFER_SIZE(PYLB_BURST), 0);
+    char ring_name[RTE_RING_NAMESIZE];
+    static int worker_seq;
+    snprintf(ring_name, sizeof(ring_name), "pylb_peer%d",
+             __atomic_fetch_add(&worker_seq, 1, __ATOMIC_RELAXED));
+    w->peer_ring = rte_ring_create(ring_name, PEER_RING_SIZE, rte_socket_id(),
+                                   RING_F_SP_ENQ | RING_F_SC_DEQ);
     w->held = calloc(max_held, sizeof(struct held_pkt));
     w->free_slots = malloc(max_held * sizeof(uint32_t));
-    if (w->txb == NULL || w->held == NULL || w->free_slots == NULL) {
+    if (w->txb == NULL || w->held == NULL || w->free_slots == NULL || w->peer_ring == NULL) {
         pylb_worker_destroy(w);
         return pylb_fail(PYLB_ENOMEM, "worker: out of memory");
     }
@@ -399,6 +408,10 @@ PYLB_API void pylb_worker_destroy(struct pylb_worker *w)
     }
     if (w->txb)
         rte_eth_tx_buffer_flush(w->port->port_id, w->txq, w->txb);
+    if (w->peer_ring) {
+        free_ring_mbufs(w->peer_ring);
+        rte_ring_free(w->peer_ring);
+    }
     free(w->held);
     free(w->free_slots);
     free(w->be_packets);

@@ -29,6 +29,7 @@ struct pylb_worker {
     struct pylb_neigh *neigh;
     struct pylb_dataplane *dp;
     struct rte_eth_dev_tx_buffer *txb;
+    struct rte_ring *peer_ring;  /* peer-protocol frames, read by pylb_worker_peer_recv */
     uint64_t tx_drain_tsc;
     uint64_t last_flush_tsc;
     uint64_t tx_buffered;        /* mbufs handed to the TX buffer */

@@ -195,6 +195,7 @@ class Balancer:
                 verdicts.append(verdict)
         self.worker.apply(verdicts)
         if self.cluster is not None:
+            self.cluster.on_peer_frames(self.worker.peer_recv())
             self.cluster.tick()
         now = time.monotonic()
         if self._changed_at is not None and now - self._changed_at >= self._retire_after():

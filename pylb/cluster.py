@@ -8,7 +8,7 @@ A ClusterNode lives beside one Balancer. The fast path hands it:
   owner (STATE_REQUEST) and caches the answer.
 - NEW_STATE notices: a new flow in a moved bucket, cached here; its state is
   pushed, batched, to the bucket's owner and backup.
-- PEER punts: peer-protocol datagrams.
+Peer-protocol datagrams arrive on the worker's own peer ring (on_peer_frames).
 """
 from __future__ import annotations
 
@@ -180,8 +180,6 @@ class ClusterNode:
     # ------------------------------------------------------------ the miss path
 
     def decide(self, p: Punt) -> Verdict | None:
-        if p.reason == PuntReason.PEER:
-            return self._on_datagram(p)
         key = _key_of(p)
         vip = self.lb.dataplane.vip_names[p.vip]
         size = self._table_size(vip)
@@ -306,32 +304,36 @@ class ClusterNode:
 
     # ------------------------------------------------------------ peer datagrams
 
-    def _on_datagram(self, p: Punt) -> Verdict:
-        frame = self.lb.worker.held_frame(p.slot)
+    def on_peer_frames(self, frames: list[bytes]) -> None:
+        for frame in frames:
+            self._on_datagram(frame)
+
+    def _on_datagram(self, frame: bytes) -> None:
+        """One datagram from the peer ring: checked in the order of
+        docs/peer-protocol.md (address, structure and MAC, sender id, replay)."""
         parsed = packet.parse(frame)
         sender = self.by_address.get(str(parsed.src))
         if sender is None or sender == self.name:
             self.peer_stats.count("spoofed")
-            return Verdict(p.slot, Action.DROP)
+            return
         start = parsed.l2_len + parsed.l3_len + 8
         try:
             msg = peer.decode(frame[start:parsed.l2_len + parsed.l3_total], self.key)
         except peer.PeerError as err:
             self.peer_stats.count(err.reason)
-            return Verdict(p.slot, Action.DROP)
+            return
         if msg.sender != peer.balancer_id(sender):
             self.peer_stats.count("spoofed")
-            return Verdict(p.slot, Action.DROP)
+            return
         if not self.window.check_and_update(msg.sender, msg.seq):
             self.peer_stats.count("replayed")
-            return Verdict(p.slot, Action.DROP)
+            return
         if msg.view != self.view:
             self.peer_stats.count("view_mismatch")
         self.peer_stats.count("accepted")
         handler = {MessageType.STATE_REQUEST: self._on_request,
                    MessageType.STATE_ANSWER: self._on_answer}.get(msg.type, self._on_records)
         handler(sender, msg)
-        return Verdict(p.slot, Action.PEER)
 
     def _on_request(self, sender: str, msg) -> None:
         """Rule 3 at the owner: forward the packet to the flow's backend and

@@ -7,7 +7,8 @@ from pylb._ffi import ffi
 
 DROP_REASONS = ("drop_parse_truncated", "drop_parse_bad", "drop_not_ip", "drop_no_vip",
                 "drop_no_backend", "drop_no_neighbor", "drop_too_big", "drop_encap",
-                "drop_icmp", "drop_arp_other", "drop_exception", "drop_verdict")
+                "drop_icmp", "drop_arp_other", "drop_exception", "drop_verdict",
+                "drop_peer_ring_full")
 FORWARDED = ("fwd_cache_hit", "fwd_new", "fwd_table", "fwd_fragment", "fwd_verdict")
 
 
@@ -23,6 +24,7 @@ class Stats:
     fwd_for_peer: int = 0
     fwd_for_peer_failed: int = 0
     peer_sent: int = 0
+    peer_rx: int = 0
     held: int = 0
     held_now: int = 0
     verdict_forward: int = 0
@@ -49,6 +51,7 @@ class Stats:
     drop_arp_other: int = 0
     drop_exception: int = 0
     drop_verdict: int = 0
+    drop_peer_ring_full: int = 0
     cache_insert: int = 0
     cache_full: int = 0
     tx_ok: int = 0
@@ -75,7 +78,8 @@ class Stats:
         """The documented equations of native/pylb.h that do not hold (empty = all hold)."""
         s = self
         checks = {
-            "rx == outcomes": s.rx == (s.forwarded + s.verdict_peer + s.arp_replied + s.nd_replied
+            "rx == outcomes": s.rx == (s.forwarded + s.verdict_peer + s.peer_rx + s.arp_replied
+                                       + s.nd_replied
                                        + s.neigh_learned + s.exception_tap + s.drop_total
                                        + s.held_now),
             "held == verdicts + held_now": s.held == (s.verdict_forward + s.verdict_drop

@@ -11,19 +11,19 @@ from pylb.dataplane import Dataplane
 from pylb.stats import Stats
 
 NO_SLOT = 0xFFFFFFFF
+PEER_STRIDE = 9216 + 64   # a jumbo frame: peer datagrams are sized to the data MTU
 
 
 class PuntReason(enum.IntEnum):
     MOVED = 1        # held: existing TCP flow, no state, moved bucket
     NEW_STATE = 2    # notice: new flow in a moved bucket was cached
-    PEER = 3         # held: peer message
     UDP_MOVED = 4    # held: UDP flow with no state in a moved bucket
 
 
 class Action(enum.IntEnum):
     FORWARD = 1
     DROP = 2
-    PEER = 3         # consumed by the peer protocol (sent to the owner, or handled)
+    PEER = 3         # sent to the flow's owner by the peer protocol
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,9 @@ class Worker:
         self._punts = ffi.new("struct pylb_punt[]", self._max_punts)
         self._n = ffi.new("uint32_t *")
         self._frame_buf = ffi.new("uint8_t[]", 16384)
+        self._peer_max = 256
+        self._peer_buf = ffi.new("uint8_t[]", self._peer_max * PEER_STRIDE)
+        self._peer_lens = ffi.new("uint32_t[]", self._peer_max)
 
     @property
     def handle(self):
@@ -116,6 +119,15 @@ class Worker:
         for i, d in enumerate(verdicts):
             v[i].slot, v[i].action, v[i].backend, v[i].cache = d.slot, d.action, d.backend, d.cache
         check(lib.pylb_worker_apply(self.handle, v, len(verdicts)), "applying verdicts")
+
+    def peer_recv(self, max_frames: int = 256) -> list[bytes]:
+        """Peer-protocol frames from the worker's peer ring."""
+        n = min(max_frames, self._peer_max)
+        check(lib.pylb_worker_peer_recv(self.handle, self._peer_buf, PEER_STRIDE, self._peer_lens,
+                                        n, self._n, ffi.NULL), "reading the peer ring")
+        raw = ffi.buffer(self._peer_buf)
+        return [bytes(raw[i * PEER_STRIDE:i * PEER_STRIDE + self._peer_lens[i]])
+                for i in range(self._n[0])]
 
     def held_frame(self, slot: int) -> bytes:
         """The frame of a held packet (peer messages, state requests)."""
