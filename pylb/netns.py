@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import ipaddress
 import json
 import os
@@ -23,6 +24,7 @@ import re
 import select
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -32,10 +34,10 @@ from typing import Any, Callable
 from pylb.errors import PylbError
 
 __all__ = [
-    "IFNAMSIZ", "NAMESPACE_SYSCTLS", "PREFIX", "REGISTRY", "Interface", "Namespace",
-    "NetnsError", "Process", "Topology", "base36", "cleanup_stale", "delete_link",
-    "delete_namespace", "ip", "list_links", "list_namespaces", "namespace_pids",
-    "owner_alive", "owner_pid", "process_start", "run_tag",
+    "ETHTOOL_OFFLOADS", "IFNAMSIZ", "NAMESPACE_SYSCTLS", "PREFIX", "REGISTRY", "Interface",
+    "LoggedProcess", "Namespace", "NetnsError", "Process", "Topology", "base36",
+    "cleanup_stale", "delete_link", "delete_namespace", "ip", "list_links", "list_namespaces",
+    "namespace_pids", "owner_alive", "owner_pid", "process_start", "run_tag",
 ]
 
 PREFIX = "pl"
@@ -53,6 +55,18 @@ NAMESPACE_SYSCTLS = {
     "net.ipv4.conf.default.rp_filter": "0",
     "net.ipv6.conf.all.accept_dad": "0",
     "net.ipv6.conf.default.accept_dad": "0",
+}
+
+
+# The kernel's ethtool ioctl and its per-offload commands (linux/ethtool.h):
+# what `ethtool -K` changes, without the ethtool program (optional on Debian).
+SIOCETHTOOL = 0x8946
+ETHTOOL_OFFLOADS = {  # name as `ethtool -K` spells it: (get command, set command)
+    "tx": (0x16, 0x17),    # TX checksum
+    "sg": (0x18, 0x19),    # scatter-gather
+    "tso": (0x1E, 0x1F),   # TCP segmentation
+    "gso": (0x23, 0x24),   # generic segmentation
+    "gro": (0x2B, 0x2C),   # generic receive
 }
 
 
@@ -279,6 +293,117 @@ class Process:
                 stream.close()
 
 
+class LoggedProcess(Process):
+    """A background process whose stdout and stderr are collected apart, as
+    they come, by reader threads: a chatty process never blocks on a full
+    pipe, a test can wait for a line, and everything the process said can go
+    into an assertion message. Made by `Namespace.spawn_logged`."""
+
+    def __init__(self, popen: subprocess.Popen, argv: list[str], grace: float = 2.0):
+        super().__init__(popen, argv)
+        self.grace = grace
+        self._said = {"stdout": bytearray(), "stderr": bytearray()}
+        self._changed = threading.Condition()
+        self._readers = [threading.Thread(target=self._collect, args=(name, stream), daemon=True,
+                                          name=f"output of {argv[0]}")
+                         for name, stream in (("stdout", popen.stdout), ("stderr", popen.stderr))]
+        for reader in self._readers:
+            reader.start()
+
+    def _collect(self, name: str, stream) -> None:
+        """Reads until EOF, then closes the stream: only the reader closes it,
+        so its descriptor cannot be reused under a read still blocked on it (a
+        grandchild may hold the pipe open after the process ended)."""
+        fd = stream.fileno()
+        try:
+            while True:
+                try:
+                    chunk = os.read(fd, 65536)
+                except OSError:
+                    chunk = b""
+                with self._changed:
+                    self._said[name] += chunk
+                    self._changed.notify_all()
+                if not chunk:
+                    return
+        finally:
+            stream.close()
+
+    @property
+    def stdout(self) -> str:
+        with self._changed:
+            return self._said["stdout"].decode(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        with self._changed:
+            return self._said["stderr"].decode(errors="replace")
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    def readline(self, timeout: float) -> str:
+        raise NetnsError("a LoggedProcess's output is read by its collector: use wait_for()")
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        """Waits until `text` appears in stdout or stderr. TimeoutError if it
+        does not in time, NetnsError if the process ended without saying it;
+        both carry the transcript."""
+        deadline = time.monotonic() + timeout
+        needle = text.encode()
+        with self._changed:
+            while not any(needle in said for said in self._said.values()):
+                if self.popen.poll() is not None and not any(r.is_alive() for r in self._readers):
+                    raise NetnsError(f"{self.argv} ended without saying {text!r}\n"
+                                     + self._transcript_locked())
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{self.argv}: {text!r} not said within {timeout} s\n"
+                                       + self._transcript_locked())
+                self._changed.wait(min(left, 0.1))  # also notices an exit without output
+
+    def terminate(self, timeout: float) -> int | None:
+        """SIGTERM to the process group, then waits up to `timeout` s for the
+        exit and for the last output. Returns the exit status, or None if it
+        still runs (stop(), at the latest the topology's clean-up, kills it)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGTERM)
+        try:
+            rc = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        for reader in self._readers:
+            reader.join(1.0)  # a grandchild may still hold the pipe: bounded
+        return rc
+
+    def stop(self, grace: float | None = None) -> None:
+        """Like Process.stop (SIGTERM, SIGKILL after the grace time), keeping
+        the output: the readers get the last of it and close the streams."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(self.grace if grace is None else grace)
+                break
+        self.popen.wait()
+        for reader in self._readers:
+            reader.join(1.0)  # bounded: a grandchild may hold the pipe a while
+
+    def _transcript_locked(self) -> str:
+        rc = self.popen.poll()
+        out = self._said["stdout"].decode(errors="replace")
+        err = self._said["stderr"].decode(errors="replace")
+        return (f"--- {' '.join(self.argv)} (pid {self.popen.pid}, "
+                f"{'running' if rc is None else f'exit status {rc}'})\n"
+                f"--- stdout:\n{out}--- stderr:\n{err}--- end")
+
+    def transcript(self) -> str:
+        """The command, its status and everything it said, for failure messages."""
+        with self._changed:
+            return self._transcript_locked()
+
+
 class Interface:
     """A link in a namespace (namespace None: the root namespace)."""
 
@@ -309,6 +434,38 @@ class Interface:
     @property
     def mac(self) -> str:
         return json.loads(self.ip("-j", "link", "show", "dev", self.name))[0]["address"]
+
+    def set_offloads(self, **wanted: bool) -> dict[str, bool]:
+        """Turns offloads on or off as `ethtool -K` does, e.g.
+        set_offloads(tx=False, tso=False); names as in ETHTOOL_OFFLOADS.
+        Returns every one of them as read back afterwards: the kernel keeps
+        what a device cannot change and drops what depends on another (TSO
+        needs TX checksum), so callers check the outcome, not the request."""
+        unknown = set(wanted) - set(ETHTOOL_OFFLOADS)
+        if unknown:
+            raise NetnsError(f"unknown offloads {sorted(unknown)}: known are "
+                             f"{sorted(ETHTOOL_OFFLOADS)}")
+
+        def apply() -> dict[str, bool]:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                for name, on in wanted.items():
+                    _ethtool_value(sock, self.name, ETHTOOL_OFFLOADS[name][1], int(on))
+                return {name: bool(_ethtool_value(sock, self.name, get))
+                        for name, (get, _) in ETHTOOL_OFFLOADS.items()}
+
+        try:
+            return self.namespace.call(apply) if self.namespace else apply()
+        except OSError as exc:
+            raise NetnsError(f"{self}: offloads {wanted}: {exc}") from exc
+
+
+def _ethtool_value(sock: socket.socket, ifname: str, cmd: int, data: int = 0) -> int:
+    """One ethtool command on a struct ethtool_value {u32 cmd, data}, which the
+    kernel reads (set) or fills in (get) through the pointer in the ifreq."""
+    value = ctypes.create_string_buffer(struct.pack("=II", cmd, data), 8)
+    ifreq = struct.pack("16sP", ifname.encode(), ctypes.addressof(value)).ljust(40, b"\0")
+    fcntl.ioctl(sock.fileno(), SIOCETHTOOL, ifreq)
+    return struct.unpack("=II", value.raw)[1]
 
 
 class Namespace:
@@ -350,6 +507,25 @@ class Namespace:
         popen = subprocess.Popen(["ip", "netns", "exec", self.name, *argv],
                                  start_new_session=True, **popen_args)
         process = Process(popen, list(argv))
+        self._topology.defer(process.stop, f"process {argv[0]} ({popen.pid})")
+        return process
+
+    def spawn_logged(self, *argv: str, grace: float = 2.0, **popen_args: Any) -> LoggedProcess:
+        """Starts a background process inside the namespace, in its own process
+        group, collecting stdout and stderr apart (LoggedProcess). The clean-up
+        sends SIGTERM, so the process can exit as it would in service, and
+        SIGKILL after `grace` seconds."""
+        popen_args = {"stdin": subprocess.DEVNULL, **popen_args,
+                      "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+        popen = subprocess.Popen(["ip", "netns", "exec", self.name, *argv],
+                                 start_new_session=True, **popen_args)
+        try:
+            process = LoggedProcess(popen, list(argv), grace)
+        except BaseException:  # e.g. no thread for the readers: nothing may escape
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
+            raise
         self._topology.defer(process.stop, f"process {argv[0]} ({popen.pid})")
         return process
 
