@@ -5,6 +5,11 @@
 
 static __thread char last_error[256];
 
+PYLB_API const char *pylb_header_sha256(void)
+{
+    return PYLB_HEADER_SHA256;
+}
+
 PYLB_API const char *pylb_last_error(void)
 {
     return last_error;

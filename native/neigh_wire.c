@@ -67,7 +67,8 @@ void neigh_handle_arp(struct pylb_worker *w, struct rte_mbuf *m, const struct py
         rte_pktmbuf_free(m);
         return;
     }
-    drop(w, &w->st.drop_arp_other, m);
+    /* Not ours: the kernel behind the exception TAP may own the address. */
+    worker_to_exception(w, m, &w->st.drop_arp_other);
 }
 
 /* The link-layer address option of type `type` in an NS/NA, or NULL. */
@@ -149,7 +150,7 @@ int neigh_handle_nd(struct pylb_worker *w, struct rte_mbuf *m, const struct pylb
         return 1;
     }
     if (!answers_for(w->dp, &target)) {
-        drop(w, &w->st.drop_icmp, m);
+        worker_to_exception(w, m, &w->st.drop_icmp);
         return 1;
     }
     struct pylb_ip from = pp->key.src;

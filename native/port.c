@@ -202,6 +202,20 @@ PYLB_API uint16_t pylb_port_id(const struct pylb_port *p)
     return p->port_id;
 }
 
+PYLB_API int pylb_port_info(const struct pylb_port *p, struct pylb_port_info *out)
+{
+    struct rte_eth_dev_info info;
+    int rc = rte_eth_dev_info_get(p->port_id, &info);
+    if (rc != 0)
+        return pylb_fail(PYLB_EDPDK, "%s: device info: %s", p->name, rte_strerror(-rc));
+    memset(out, 0, sizeof(*out));
+    snprintf(out->driver, sizeof(out->driver), "%s", info.driver_name ? info.driver_name : "?");
+    out->max_mtu = info.max_mtu;
+    out->rx_queues_max = info.max_rx_queues;
+    out->tx_queues_max = info.max_tx_queues;
+    return PYLB_OK;
+}
+
 PYLB_API int pylb_port_stats(const struct pylb_port *p, struct pylb_port_stats *out)
 {
     struct rte_eth_stats s;

@@ -51,6 +51,9 @@ enum pylb_status {
 
 /* The message of the last failing call on this thread ("" if none). */
 const char *pylb_last_error(void);
+/* SHA-256 (hex) of the pylb.h the library was built from: Python compares it
+ * with the header its cffi module was built from. */
+const char *pylb_header_sha256(void);
 
 /* ------------------------------------------------------------------ eal */
 
@@ -318,6 +321,15 @@ void pylb_port_close(struct pylb_port *p);
 int pylb_port_mac(const struct pylb_port *p, uint8_t mac[6]);
 uint16_t pylb_port_id(const struct pylb_port *p);
 
+struct pylb_port_info {
+    char driver[32];
+    uint16_t max_mtu;         /* as the driver reports it */
+    uint16_t rx_queues_max;
+    uint16_t tx_queues_max;
+    uint16_t pad;
+};
+int pylb_port_info(const struct pylb_port *p, struct pylb_port_info *out);
+
 struct pylb_port_stats {
     uint64_t ipackets, opackets, ibytes, obytes, imissed, ierrors, oerrors, rx_nombuf;
 };
@@ -398,7 +410,7 @@ struct pylb_worker_conf {
  *   drop_verdict == verdict_drop
  *   tx_ok + tx_dropped == fwd_cache_hit + fwd_new + fwd_table + fwd_fragment
  *         + fwd_verdict + fwd_for_peer + peer_sent + arp_replied + nd_replied
- *         + neigh_requests + tap_to_wire      (after a flush)
+ *         + neigh_requests + tap_to_wire + icmp_too_big_sent   (after a flush)
  *
  * Notices (PYLB_PUNT_NEW_STATE) are not rx outcomes: notices + notices_lost
  * counts new flows in moved buckets.
@@ -426,6 +438,7 @@ struct pylb_stats {
     uint64_t nd_replied;
     uint64_t neigh_learned;     /* ARP replies / NAs that taught a MAC */
     uint64_t neigh_requests;    /* ARP requests / NSs sent */
+    uint64_t icmp_too_big_sent; /* "fragmentation needed" / "packet too big" to clients */
     uint64_t exception_tap;     /* wire to kernel through the TAP */
     uint64_t tap_to_wire;       /* kernel to wire through the TAP */
     uint64_t drop_total;

@@ -24,7 +24,7 @@ void worker_count_drop(struct pylb_worker *w, uint64_t *reason, struct rte_mbuf 
 }
 
 /* Frames for neither a VIP nor the balancer: to the kernel's TAP, or dropped. */
-static void to_exception(struct pylb_worker *w, struct rte_mbuf *m, uint64_t *drop_reason)
+void worker_to_exception(struct pylb_worker *w, struct rte_mbuf *m, uint64_t *drop_reason)
 {
     if (w->exc_port != NULL && rte_eth_tx_burst(w->exc_port->port_id, 0, &m, 1) == 1) {
         w->st.exception_tap++;
@@ -75,6 +75,8 @@ static int worker_forward(struct pylb_worker *w, struct rte_mbuf *m, uint32_t id
     uint64_t *reason = worker_encap_send(w, m, id, l2_len, l3_total, l3, flow_id);
     if (PYLB_LIKELY(reason == NULL))
         return 1;
+    if (reason == &w->st.drop_too_big)
+        icmp_send_too_big(w, m, l2_len, l3_total, l3, id);
     worker_count_drop(w, reason, m);
     return 0;
 }
@@ -209,7 +211,7 @@ static int handle_frame(struct pylb_worker *w, struct rte_mbuf *m, uint32_t now,
         else if (rc == PYLB_PARSE_BAD_HEADER)
             worker_count_drop(w, &w->st.drop_parse_bad, m);
         else
-            to_exception(w, m, &w->st.drop_not_ip);
+            worker_to_exception(w, m, &w->st.drop_not_ip);
         return 0;
     }
     if (PYLB_UNLIKELY(pp.l3 == PYLB_L3_ARP)) {
@@ -236,9 +238,9 @@ static int handle_frame(struct pylb_worker *w, struct rte_mbuf *m, uint32_t now,
         return 0;
     }
     if (pp.l4_proto == 1 || pp.l4_proto == 58)
-        to_exception(w, m, &w->st.drop_icmp);
+        worker_to_exception(w, m, &w->st.drop_icmp);
     else
-        to_exception(w, m, &w->st.drop_no_vip);
+        worker_to_exception(w, m, &w->st.drop_no_vip);
     return 0;
 }
 

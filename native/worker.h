@@ -55,8 +55,16 @@ static inline void worker_tx(struct pylb_worker *w, struct rte_mbuf *m)
  * buffers it; NULL when sent, else the drop reason's counter (m not freed). */
 uint64_t *worker_encap_send(struct pylb_worker *w, struct rte_mbuf *m, uint32_t id,
                             uint16_t l2_len, uint16_t l3_total, uint8_t l3, uint64_t flow_id);
+/* A frame for neither a VIP nor the balancer: to the kernel's TAP when one is
+ * configured, else dropped with drop_reason. */
+void worker_to_exception(struct pylb_worker *w, struct rte_mbuf *m, uint64_t *drop_reason);
 /* Frees m counting a drop reason. */
 void worker_count_drop(struct pylb_worker *w, uint64_t *reason, struct rte_mbuf *m);
+
+/* Answers a packet dropped as too big with ICMP "fragmentation needed" /
+ * ICMPv6 "packet too big" toward its source (icmp.c); m is not consumed. */
+void icmp_send_too_big(struct pylb_worker *w, const struct rte_mbuf *m, uint16_t l2_len,
+                       uint16_t l3_total, uint8_t l3, uint32_t backend);
 
 /* ARP and NDP on the wire (neigh_wire.c). Each consumes or sends m and counts
  * the outcome. */

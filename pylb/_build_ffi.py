@@ -5,6 +5,7 @@ header stays the one description of the C interface.
 """
 from __future__ import annotations
 
+import hashlib
 import pathlib
 import re
 import sys
@@ -25,10 +26,12 @@ def cdef_source() -> str:
 
 def make_ffi(build_dir: pathlib.Path) -> cffi.FFI:
     ffi = cffi.FFI()
-    ffi.cdef(cdef_source())
+    ffi.cdef(cdef_source() + "\nstatic const char *pylb_module_header_sha256(void);\n")
+    digest = hashlib.sha256(HEADER.read_bytes()).hexdigest()
     ffi.set_source(
         "pylb._native",
-        '#include "pylb.h"',
+        '#include "pylb.h"\n'
+        f'static const char *pylb_module_header_sha256(void) {{ return "{digest}"; }}\n',
         include_dirs=[str(ROOT / "native")],
         libraries=["pylb_native"],
         library_dirs=[str(build_dir)],

@@ -32,6 +32,10 @@ def _load_native():
 try:
     _native = _load_native()
     ffi, lib = _native.ffi, _native.lib
+    if ffi.string(lib.pylb_header_sha256()) != ffi.string(lib.pylb_module_header_sha256()):
+        # Structs would be laid out differently on the two sides of every call.
+        raise ImportError("the cffi module and libpylb_native.so were built from different "
+                          "versions of native/pylb.h")
 except ImportError as exc:  # pragma: no cover - explained to the user instead
     raise PylbError(
         "pylb's native module is not built: run ./scripts/setup.sh "

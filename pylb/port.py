@@ -45,6 +45,13 @@ class Port:
         check(lib.pylb_port_mac(self.handle, mac), "port MAC")
         return ":".join(f"{b:02x}" for b in mac)
 
+    def info(self) -> dict:
+        """Driver name, the largest MTU it reports, queue limits."""
+        i = ffi.new("struct pylb_port_info *")
+        check(lib.pylb_port_info(self.handle, i), "port info")
+        return {"driver": ffi.string(i.driver).decode(), "max_mtu": i.max_mtu,
+                "rx_queues_max": i.rx_queues_max, "tx_queues_max": i.tx_queues_max}
+
     def stats(self) -> PortStats:
         s = ffi.new("struct pylb_port_stats *")
         check(lib.pylb_port_stats(self.handle, s), "port stats")

@@ -22,7 +22,8 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def summary(stats: Stats, backend_counts, punts: dict[str, int] | None = None) -> str:
+def summary(stats: Stats, backend_counts, punts: dict[str, int] | None = None,
+            port=None) -> str:
     """Per-VIP and per-backend counts, outcomes and drops by reason."""
     per_vip = defaultdict(lambda: [0, 0])
     for c in backend_counts:
@@ -50,6 +51,14 @@ def summary(stats: Stats, backend_counts, punts: dict[str, int] | None = None) -
             if drops else "(none)"]
     if punts:
         out += ["", "Handed to Python", table(["reason", "count"], [[k, v] for k, v in punts.items()])]
+    if port is not None:
+        out += ["", "Data port (the driver's own counters)",
+                table(["counter", "packets"], [["received", port.ipackets],
+                                               ["transmitted", port.opackets],
+                                               ["transmit errors", port.oerrors],
+                                               ["receive missed", port.imissed],
+                                               ["receive errors", port.ierrors],
+                                               ["no mbuf on receive", port.rx_nombuf]])]
     broken = stats.broken_equations()
     out += ["", "Counter equations: " + ("all hold" if not broken else "BROKEN: " + ", ".join(broken))]
     return "\n".join(out)

@@ -36,6 +36,7 @@ class Stats:
     nd_replied: int = 0
     neigh_learned: int = 0
     neigh_requests: int = 0
+    icmp_too_big_sent: int = 0
     exception_tap: int = 0
     tap_to_wire: int = 0
     drop_total: int = 0
@@ -88,7 +89,7 @@ class Stats:
             "drop_verdict == verdict_drop": s.drop_verdict == s.verdict_drop,
             "tx == forwarded + replies": s.tx_ok + s.tx_dropped == (
                 s.forwarded + s.fwd_for_peer + s.peer_sent + s.arp_replied + s.nd_replied
-                + s.neigh_requests + s.tap_to_wire),
+                + s.neigh_requests + s.tap_to_wire + s.icmp_too_big_sent),
         }
         return [name for name, ok in checks.items() if not ok]
 

@@ -13,7 +13,7 @@ from typing import Callable
 import pytest
 from scapy.all import ARP, ICMP, IP, TCP, UDP, Dot1Q, Ether, IPOption_Router_Alert, IPv6, Raw
 from scapy.all import fragment as fragment4
-from scapy.layers.inet6 import (ICMPv6EchoRequest, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment,
+from scapy.layers.inet6 import (ICMPv6EchoRequest, ICMPv6PacketTooBig, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment,
                                 fragment6)
 
 from pipeline_support import (ANY4, ANY6, C4, C6, CLIENT_MAC, DNS4, GATEWAY_MAC, GW4, LB4, LB6,
@@ -59,6 +59,22 @@ def fragments_of(vip: str):
 
 def nothing(pipe, frames, out):
     assert out == []
+
+
+def too_big4(frame: bytes, mac: str, mtu: int):
+    """ICMP type 3 code 4 from the VIP, quoting the IP header and 8 bytes."""
+    e = Ether(frame)
+    quote = bytes(e[IP])[:e[IP].ihl * 4 + 8]
+    return (Ether(dst=e.src, src=mac) / IP(src=e[IP].dst, dst=e[IP].src, ttl=64, id=0)
+            / ICMP(type=3, code=4, nexthopmtu=mtu) / Raw(quote))
+
+
+def too_big6(frame: bytes, mac: str, mtu: int):
+    """ICMPv6 packet too big from the VIP, quoting as much as fits 1280 bytes."""
+    e = Ether(frame)
+    quote = bytes(e[IPv6])[:1280 - 40 - 8]
+    return (Ether(dst=e.src, src=mac) / IPv6(src=e[IPv6].dst, dst=e[IPv6].src, hlim=64)
+            / ICMPv6PacketTooBig(mtu=mtu) / Raw(quote))
 
 
 def answered(build):
@@ -154,8 +170,16 @@ CASES = [
          {"fwd_new": 1}, vip="any4"),
     Case("outer packet exactly the MTU", [tcp4(payload=b"m" * (1500 - 20 - 40))],
          {"fwd_new": 1}),
-    Case("outer packet one byte over the MTU", [tcp4(payload=b"m" * (1500 - 20 - 40 + 1))],
-         {"drop_too_big": 1}, nothing),
+    Case("outer packet one byte over the MTU, DF clear: dropped, may not be answered",
+         [tcp4(payload=b"m" * (1500 - 20 - 40 + 1))], {"drop_too_big": 1}, nothing),
+    # A path-MTU black hole must not form: the client learns the inner MTU.
+    Case("IPv4 with DF over the MTU after IPIP: ICMP fragmentation needed, MTU 1480",
+         [IP(src=C4, dst=WEB4, flags="DF") / TCP(sport=40100, dport=80, flags="PA")
+          / Raw(b"m" * (1500 - 20 - 40 + 1))],
+         {"drop_too_big": 1}, answered(lambda f, mac: too_big4(f, mac, 1480))),
+    Case("IPv6 over the MTU after IP6IP6: ICMPv6 packet too big, MTU 1460",
+         [udp6(payload=b"m" * (1500 - 40 - 8 + 1))],
+         {"drop_too_big": 1}, answered(lambda f, mac: too_big6(f, mac, 1460))),
     Case("VIP whose backends all have weight 0", [tcp4(dst="192.0.2.30"),
                                                    tcp4(dst="192.0.2.30", flags="A", sport=2)],
          {"drop_no_backend": 2}, nothing),
