@@ -132,14 +132,19 @@ def which(config_file: str, flow: str, as_json: bool) -> None:
 @main.command()
 @click.option("--config", "config_file", required=True, type=click.Path(dir_okay=False))
 @click.option("--duration", type=float, default=None, help="Stop after this many seconds.")
+@click.option("--previous-config", "previous_file", type=click.Path(dir_okay=False), default=None,
+              help="The cluster's configuration before its last change, for a balancer that "
+                   "joins while that change is in force (docs/state-exchange.md).")
 @click.pass_context
-def run(ctx: click.Context, config_file: str, duration: float | None) -> None:
+def run(ctx: click.Context, config_file: str, duration: float | None,
+        previous_file: str | None) -> None:
     """Runs a balancer until SIGINT or SIGTERM, then prints a summary."""
     import time
 
     from pylb.balancer import Balancer
     from pylb.report import summary
     cfg = _load(config_file)
+    previous = _load(previous_file) if previous_file else None
     _setup_logs(ctx, cfg)
     stop = {"now": False}
 
@@ -149,9 +154,10 @@ def run(ctx: click.Context, config_file: str, duration: float | None) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     deadline = time.monotonic() + duration if duration else None
     try:
-        with Balancer(cfg) as lb:
+        with Balancer(cfg, previous_config=previous) as lb:
             lb.run(lambda: stop["now"] or (deadline is not None and time.monotonic() >= deadline))
-            click.echo(summary(lb.stats(), lb.backend_counts(), lb.verdicts_by_reason))
+            click.echo(summary(lb.stats(), lb.backend_counts(), lb.verdicts_by_reason,
+                               port=lb.port.stats()))
     except PylbError as err:
         raise click.ClickException(str(err)) from None
 
