@@ -3,6 +3,12 @@
 #include <time.h>
 #include "internal.h"
 
+/* CMake defines it from native/pylb.h; a stand-alone build of this file (a
+ * test harness) reports that it does not know. */
+#ifndef PYLB_HEADER_SHA256
+#define PYLB_HEADER_SHA256 "unknown"
+#endif
+
 static __thread char last_error[256];
 
 PYLB_API const char *pylb_header_sha256(void)

@@ -2,6 +2,10 @@
 dataplane, and the control loop that decides what the fast path hands up."""
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import dataclasses
+import queue
 import re
 import time
 from dataclasses import dataclass
@@ -9,6 +13,7 @@ from dataclasses import dataclass
 import structlog
 
 from pylb import eal as eal_mod
+from pylb import config as config_mod
 from pylb.config import Config
 from pylb.dataplane import BackendRegistry, Dataplane
 from pylb.errors import ConfigError
@@ -21,6 +26,11 @@ from pylb.worker import Action, Punt, PuntReason, Verdict, Worker
 log = structlog.get_logger("pylb.balancer")
 PCI_RE = re.compile(r"^([0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]")
 AGE_INTERVAL_S = 1.0
+SNAPSHOT_INTERVAL_S = 1.0
+
+
+class UnknownBackend(ConfigError):
+    """An API request named a VIP or backend the running configuration lacks."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,25 @@ class Balancer:
             raise ConfigError("balancer.workers: only 1 worker per balancer process is supported "
                               "in this version (see docs/architecture.md, process model)")
         self._closers: list = []
+        # The operator's configuration; self.config is what runs: the same with
+        # failing (health) and drained (API) backends at weight 0.
+        self.configured = config
+        self.config_file: str | None = None       # what reload() reads again
+        self.health_down: set[tuple[str, str]] = set()
+        self.drained: set[tuple[str, str]] = set()
+        self.on_reconfigure: list = []            # called with the new configured Config
+        self.reloads: collections.Counter = collections.Counter()
+        self.last_reload_error: str | None = None
+        self.started_at = time.time()
+        # Other threads (admin API, health checks, signal handlers) never touch
+        # the worker: they queue callables that run() executes between steps,
+        # and read the snapshot run() publishes.
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.latest_snapshot: dict | None = None
+        self.snapshot_extras: list = []           # callables adding to each snapshot
+        self._busy_mark = (time.monotonic(), time.thread_time())
+        self._bucket_counts: tuple[int, dict] = (-1, {})
+        self.drain_state: dict | None = None      # a balancer drain in progress (drain_balancer)
         self.eal = eal_mod.Eal.current()
         try:
             self._start(config)
@@ -97,6 +126,12 @@ class Balancer:
             from pylb.cluster import ClusterNode
             self.cluster = ClusterNode(self)
         self._last_age = time.monotonic()
+        info = self.port.info()
+        if b.data.mtu > info["max_mtu"] and not b.data.device.startswith("ring:"):
+            # af_packet, for one, sends somewhat more than it reports but drops
+            # larger frames without a counter of ours seeing it (docs/lab.md).
+            log.warning("balancer.data.mtu exceeds what the port's driver reports",
+                        mtu=b.data.mtu, driver=info["driver"], driver_max_mtu=info["max_mtu"])
         log.info("balancer started", name=b.name, device=b.data.device, mac=self.port.mac,
                  hugepages=self.eal.hugepages, vips=len(config.vips),
                  backends=len(self.dataplane.backends))
@@ -131,9 +166,154 @@ class Balancer:
 
     def reconfigure(self, config: Config) -> None:
         """Swaps in a new configuration; the old tables stay as the previous
-        generation so flows that predate the change keep their backend."""
+        generation so flows that predate the change keep their backend.
+        Backends failing their health checks or drained through the admin API
+        stay at weight 0 in it."""
         if config.balancer.data != self.config.balancer.data:
             raise ConfigError("balancer.data cannot change while running")
+        backends = {(v.name, b.name) for v in config.vips for b in v.backends}
+        checked = {(v.name, b.name) for v in config.vips if v.health for b in v.backends}
+        self.health_down &= checked      # no check any more: nothing says it fails
+        self.drained &= backends
+        self._swap(self._effective(config))
+        self.configured = config
+        for hook in self.on_reconfigure:
+            hook(config)
+
+    def _effective(self, config: Config) -> Config:
+        """The configuration with failing and drained backends at weight 0.
+        When every serving backend of a VIP fails its checks, the VIP keeps them
+        all (fails open): a check that fails everywhere more likely says the
+        checks are wrong than that every backend is, and a VIP with no backend
+        drops every new flow."""
+        if self.drain_state is not None:
+            config = self._draining(config)
+        if not self.health_down and not self.drained:
+            return config
+        vips = []
+        for vip in config.vips:
+            serving = {b.name for b in vip.backends
+                       if b.weight > 0 and (vip.name, b.name) not in self.drained}
+            down = {n for n in serving if (vip.name, n) in self.health_down}
+            if down and down == serving:
+                log.warning("every backend of the VIP fails its checks: keeping them (fail open)",
+                            vip=vip.name)
+                down = set()
+            off = down | {b.name for b in vip.backends if (vip.name, b.name) in self.drained}
+            if any(b.weight and b.name in off for b in vip.backends):
+                vip = vip.model_copy(update={"backends": [
+                    b.model_copy(update={"weight": 0}) if b.name in off else b
+                    for b in vip.backends]})
+            vips.append(vip)
+        return config.model_copy(update={"vips": vips})
+
+    def _draining(self, config: Config) -> Config:
+        """A draining balancer's view: it answers ARP/ND for no VIP (a router
+        that finds it that way moves on), and it has left its cluster's
+        ownership, so its state goes to the buckets' new holders (rule 5)
+        while it still answers whoever asks it as the owner it was."""
+        vips = [v.model_copy(update={"answer_arp": False}) if v.answer_arp else v
+                for v in config.vips]
+        update: dict = {"vips": vips}
+        c = config.cluster
+        if c is not None and len(c.balancers) > 1:
+            update["cluster"] = c.model_copy(update={"balancers": [
+                m for m in c.balancers if m.name != config.balancer.name]})
+        return config.model_copy(update=update)
+
+    def drain_balancer(self, undo: bool = False) -> dict:
+        """Starts (or undoes) a drain of this balancer: the router is told to
+        stop sending (balancer.drain.withdraw, and no ARP/ND answers for VIPs),
+        ownership is handed off, forwarding goes on; run() ends once no VIP
+        packet came for drain.quiet_period after the handoff, or at
+        drain.timeout. Raises ConfigError when there is nothing to do."""
+        d = self.configured.balancer.drain
+        if undo:
+            if self.drain_state is None:
+                raise ConfigError("this balancer is not draining")
+            self.drain_state = None
+            self._reapply_always()
+            self._run_hook(d.announce, "announce")
+            log.info("balancer drain undone")
+            return {"balancer": self.configured.balancer.name, "state": "serving"}
+        if self.drain_state is not None:
+            return dict(self.drain_state)
+        now = time.monotonic()
+        self.drain_state = {"balancer": self.configured.balancer.name, "state": "draining",
+                            "started_at": time.time(), "detail": "handing off ownership"}
+        self._drain_clock = {"started": now, "last_traffic": now,
+                             "traffic": self._vip_packets(self.stats())}
+        self._reapply_always()
+        self._run_hook(d.withdraw, "withdraw")
+        log.info("balancer draining", quiet_period=d.quiet_period, timeout=d.timeout)
+        return dict(self.drain_state)
+
+    def _reapply_always(self) -> None:
+        self._swap(self._effective(self.configured))
+
+    @staticmethod
+    def _vip_packets(s: Stats) -> int:
+        """Packets of VIP traffic the router sent here (not peers' messages)."""
+        return s.fwd_cache_hit + s.fwd_new + s.fwd_table + s.fwd_fragment + s.held
+
+    def _run_hook(self, argv: list[str], what: str) -> None:
+        """Runs the operator's command without waiting: the loop must go on
+        forwarding. Its exit is logged by a thread of its own."""
+        if not argv:
+            return
+        import subprocess
+        import threading
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT)
+        except OSError as err:
+            log.error(f"drain {what} command failed to start", argv=argv, error=str(err))
+            return
+
+        def wait():
+            out, _ = proc.communicate()
+            (log.info if proc.returncode == 0 else log.error)(
+                f"drain {what} command ended", argv=argv, status=proc.returncode,
+                output=out.decode(errors="replace")[-2000:])
+        threading.Thread(target=wait, daemon=True).start()
+
+    def _drain_tick(self) -> None:
+        """Whether a drain is over: the handoff period has passed, no request
+        to an owner is pending, and no VIP packet came for quiet_period (the
+        router sends this balancer's flows elsewhere: they have moved or
+        ended); or the drain timed out."""
+        st = self.drain_state
+        if st is None or st["state"] == "done":
+            return
+        d = self.configured.balancer.drain
+        now = time.monotonic()
+        clock = self._drain_clock
+        traffic = self._vip_packets(self.stats())
+        if traffic != clock["traffic"]:
+            clock["traffic"], clock["last_traffic"] = traffic, now
+        handoff = self.configured.cluster.handoff_period if self.cluster is not None else 0.0
+        pending = len(self.cluster.pending) if self.cluster is not None else 0
+        quiet = now - clock["last_traffic"]
+        if now - clock["started"] >= d.timeout:
+            st.update(state="done", detail=f"timed out after {d.timeout} s; VIP packets still "
+                      f"came {quiet:.1f} s ago")
+            log.warning("balancer drain timed out", quiet_s=round(quiet, 1))
+        elif now - clock["started"] >= handoff and pending == 0 and quiet >= d.quiet_period:
+            st.update(state="done", detail=f"no VIP packet for {quiet:.1f} s, ownership handed off")
+            log.info("balancer drained", quiet_s=round(quiet, 1))
+        else:
+            st["detail"] = (f"last VIP packet {quiet:.1f} s ago (waiting for {d.quiet_period} s "
+                            f"of quiet), {pending} owner requests pending")
+
+    def _reapply(self) -> bool:
+        """Swaps in the effective configuration if health or drains changed it."""
+        effective = self._effective(self.configured)
+        if effective.vips == self.config.vips:
+            return False
+        self._swap(effective)
+        return True
+
+    def _swap(self, config: Config) -> None:
         self.generation += 1
         dp = Dataplane(config, self.generation, self.registry, previous=self.dataplane)
         self.worker.set_dataplane(dp)
@@ -142,7 +322,211 @@ class Balancer:
             self._changed_at = time.monotonic()
         if self.cluster is not None:
             self.cluster.apply_config(config)
+        # A backend or peer added by this change is a next hop nobody has
+        # asked for yet: ask now, not at the next periodic round, or its
+        # first packets are dropped as no_neighbor (seen in the lab).
+        self.solicit_next_hops()
         log.info("configuration swapped", generation=self.generation)
+
+    # ------------------------------------------------------------ operations
+
+    def _backend(self, vip: str, backend: str) -> tuple[str, str]:
+        try:
+            v = self.configured.find_vip(vip)
+        except ConfigError as err:
+            raise UnknownBackend(str(err)) from None
+        if not any(b.name == backend for b in v.backends):
+            raise UnknownBackend(f"VIP {v.name} has no backend named {backend!r}; backends: "
+                                 + ", ".join(b.name for b in v.backends))
+        return v.name, backend
+
+    def set_health(self, vip: str, backend: str, up: bool) -> bool:
+        """A health-check verdict (pylb/health.py): a failing backend goes to
+        weight 0, so new flows avoid it while cached flows keep it; it returns
+        when healthy. Returns whether the tables changed."""
+        try:
+            key = self._backend(vip, backend)
+        except UnknownBackend:
+            return False    # removed by a reload while its check was running
+        if up == (key not in self.health_down):
+            return False
+        (self.health_down.discard if up else self.health_down.add)(key)
+        changed = self._reapply()
+        log.info("backend is up" if up else "backend is down", vip=vip, backend=backend,
+                 tables_changed=changed)
+        return changed
+
+    def drain_backend(self, vip: str, backend: str, undo: bool = False) -> dict:
+        """Weight 0 for a backend until undone (or a restart): no new flows,
+        established ones go on. Raises UnknownBackend."""
+        key = self._backend(vip, backend)
+        (self.drained.discard if undo else self.drained.add)(key)
+        changed = self._reapply()
+        log.info("backend drain undone" if undo else "backend drained", vip=key[0],
+                 backend=backend, tables_changed=changed)
+        return {"vip": key[0], "backend": backend, "drained": not undo,
+                "tables_changed": changed, "generation": self.generation}
+
+    def reload(self, config: Config | None = None) -> dict:
+        """Reads the configuration file again (or takes `config`) and swaps it
+        in. A configuration that is invalid, or changes what only a restart can,
+        raises ConfigError and changes nothing."""
+        try:
+            if config is None:
+                if self.config_file is None:
+                    raise ConfigError("this balancer was not started from a file: nothing "
+                                      "to reload")
+                config = config_mod.load(self.config_file)
+            errors = config_mod.live_change_errors(self.configured, config)
+            if errors:
+                raise ConfigError(f"{self.config_file or 'configuration'}: cannot be applied to "
+                                  "a running balancer\n  " + "\n  ".join(errors))
+            changes = config_mod.describe_changes(self.configured, config)
+            if config != self.configured:
+                self.reconfigure(config)
+        except ConfigError as err:
+            self.reloads["rejected"] += 1
+            self.last_reload_error = str(err)
+            log.error("configuration rejected", error=str(err), generation=self.generation)
+            raise ConfigError(f"{err}\nrejected whole: the running configuration (generation "
+                              f"{self.generation}) stays") from None
+        self.reloads["ok"] += 1
+        self.last_reload_error = None
+        log.info("configuration reloaded", generation=self.generation, **changes)
+        return {"generation": self.generation, "changes": changes}
+
+    def drain_done(self) -> bool:
+        """True once a balancer drain has finished: run() may stop."""
+        return bool(self.drain_state and self.drain_state["state"] == "done")
+
+    def submit(self, command) -> concurrent.futures.Future:
+        """Queues command(balancer) for the control loop; any thread may call
+        this (and signal handlers). The future gets its result or exception."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((command, future))
+        return future
+
+    def run_commands(self) -> int:
+        """Runs the queued commands; the control loop calls this between steps."""
+        done = 0
+        while True:
+            try:
+                command, future = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            done += 1
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(command(self))
+            except Exception as exc:    # the caller gets it; the loop goes on
+                future.set_exception(exc)
+        if done:
+            self.publish_snapshot()
+        return done
+
+    def publish_snapshot(self) -> dict:
+        """What other threads may read: plain data, replaced whole."""
+        self.latest_snapshot = snap = self.snapshot()
+        return snap
+
+    def snapshot(self) -> dict:
+        from pylb.flow_cache import now_ms
+        stats = self.stats()
+        counts = self.worker.backend_counts()
+        dp = self.dataplane
+        configured = {(v.name, b.name): b.weight for v in self.configured.vips for b in v.backends}
+        buckets = self._buckets_by_backend()
+        backends = []
+        for ref in dp.backends:
+            key = (ref.vip, ref.name)
+            health = "down" if key in self.health_down else "up"
+            backends.append({
+                "vip": ref.vip, "backend": ref.name, "address": str(ref.address), "id": ref.id,
+                "active": ref.active, "weight": configured.get(key, 0),
+                "effective_weight": ref.weight,
+                "health": health if ref.active else "removed", "drained": key in self.drained,
+                "buckets": buckets.get(ref.id, 0),
+                "packets": counts[ref.id][0], "bytes": counts[ref.id][1]})
+        vips = [{"name": v.name, "address": str(v.address), "protocol": v.protocol,
+                 "port": v.port or "all", "encap": v.encap.type, "table_size": v.table_size,
+                 "moved_buckets_in_force": v.name in dp.previous,
+                 "health_check": v.health.type if v.health else None}
+                for v in self.configured.vips]
+        mono, cpu = time.monotonic(), time.thread_time()
+        wall = mono - self._busy_mark[0]
+        busy = min(1.0, (cpu - self._busy_mark[1]) / wall) if wall > 0 else 0.0
+        self._busy_mark = (mono, cpu)
+        b = self.configured.balancer
+        snap = {
+            "balancer": {"name": b.name, "generation": self.generation,
+                         "started_at": self.started_at, "config_file": self.config_file,
+                         "reloads": dict(self.reloads), "last_reload_error": self.last_reload_error,
+                         "device": b.data.device, "mac": self.port.mac},
+            "taken_at": time.time(),
+            "vips": vips, "backends": backends,
+            "workers": [{"id": 0, "core": (b.dpdk.cores or [None])[0], "busy_ratio": busy,
+                         "polls": stats.polls, "idle_sleeps": stats.idle_sleeps}],
+            "stats": dataclasses.asdict(stats), "drops": stats.drops(),
+            "punts": dict(self.verdicts_by_reason),
+            "active_flows": self.cache.count(now_ms()),
+            "cluster": None,
+            "drain": dict(self.drain_state) if self.drain_state else None,
+        }
+        if self.cluster is not None:
+            c = self.cluster
+            snap["cluster"] = {
+                "members": {n: str(a) for n, a in c.members.items()}, "me": c.name,
+                "state_exchange": self.configured.cluster.state_exchange,
+                "member_generation": c.member_gen, "state_entries": c.state_entries(),
+                "pending_requests": len(c.pending), "counters": dict(c.counters),
+                "peer": dataclasses.asdict(c.peer_stats),
+                "table_sizes": sorted({v.table_size for v in self.configured.vips})}
+        for extra in self.snapshot_extras:
+            extra(snap)
+        return snap
+
+    def _buckets_by_backend(self) -> dict[int, int]:
+        """Buckets of the current tables per backend id, counted once per generation."""
+        if self._bucket_counts[0] == self.generation:
+            return self._bucket_counts[1]
+        dp = self.dataplane
+        out: dict[int, int] = {}
+        ids = {(r.vip, r.name): r.id for r in dp.backends}
+        for vip, tables in dp.tables.items():
+            for index, n in collections.Counter(tables.table).items():
+                if index < len(tables.names):
+                    out[ids[(vip, tables.names[index])]] = n
+        self._bucket_counts = (self.generation, out)
+        return out
+
+    def lookup_flow(self, key) -> dict:
+        """Where a flow stands here: VIP, bucket, the tables' backends, this
+        balancer's cached entry, the owner's store, owner and backup."""
+        from pylb.flow_cache import now_ms
+        c = self.dataplane.classify(key)
+        out = {"flow": str(key), "flow_id": f"0x{c.flow_id:016x}", "vip": c.vip}
+        if c.vip is None:
+            return out
+        ref = lambda r: {"backend": r.name, "address": str(r.address)} if r else None  # noqa: E731
+        kb = key.to_bytes()
+        hit = self.cache.peek(kb, c.flow_id, now_ms())
+        cached = None
+        if hit is not None:
+            cached = {**ref(self.dataplane.backends[hit[0]]), "idle_ms": hit[1]}
+        size = self.configured.find_vip(c.vip).table_size
+        if self.cluster is not None:
+            holders = self.cluster.holders(size, c.bucket)
+            rec = self.cluster.store.get(kb)
+            stored = {"address": str(rec.backend), "closing": rec.closing} if rec else None
+        else:
+            holders, stored = [self.configured.balancer.name], None
+        out.update({
+            "bucket": c.bucket, "moved": c.moved, "table_backend": ref(c.current),
+            "previous_backend": ref(c.previous) if c.vip in self.dataplane.previous else None,
+            "cached_here": cached, "stored_here": stored, "balancer": self.configured.balancer.name,
+            "owner": holders[0], "backup": holders[1] if len(holders) > 1 else None})
+        return out
 
     def retire_previous(self) -> None:
         """Drops the previous table generation (docs/state-exchange.md): by now
@@ -206,13 +590,24 @@ class Balancer:
         return len(punts)
 
     def run(self, should_stop) -> None:
-        """Runs until should_stop() is true; idles in the shim, not in Python."""
-        last_solicit = time.monotonic()
+        """Runs until should_stop() is true; idles in the shim, not in Python.
+        Between steps: queued commands, and a snapshot every second."""
+        last_solicit = last_snapshot = last_drain_check = time.monotonic()
+        self.publish_snapshot()
         while not should_stop():
             self.step(max_bursts=1024, max_idle_us=20_000)
-            if time.monotonic() - last_solicit > 5.0:
-                last_solicit = time.monotonic()
+            self.run_commands()
+            now = time.monotonic()
+            if self.drain_state is not None and now - last_drain_check >= 0.2:
+                last_drain_check = now
+                self._drain_tick()
+            if now - last_solicit > 5.0:
+                last_solicit = now
                 self.solicit_next_hops()
+            if now - last_snapshot >= SNAPSHOT_INTERVAL_S:
+                last_snapshot = now
+                self.publish_snapshot()
+        self.run_commands()
 
     def stats(self) -> Stats:
         return self.worker.stats()

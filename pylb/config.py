@@ -109,6 +109,51 @@ class Log(Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+def _host_port(value: str) -> str:
+    """'host:port' or '[v6]:port' with a literal address, as an operator writes it."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not an address like 127.0.0.1:9100 or [::1]:9100")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{value!r}: {host!r} is not an IP address") from None
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_host_port)]
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Admin(Strict):
+    """The admin API (docs/admin-api.md)."""
+
+    socket: Optional[str] = Field(None, min_length=1, max_length=107)   # sun_path holds 108
+    address: Optional[HostPort] = None
+
+
+class Metrics(Strict):
+    address: Optional[HostPort] = None
+
+
+class HealthLimits(Strict):
+    max_concurrent: int = Field(32, ge=1, le=4096)
+
+
+class Drain(Strict):
+    """A balancer drain (`pylb drain`, docs/operations.md)."""
+
+    quiet_period: float = Field(10.0, gt=0, le=3600)
+    timeout: float = Field(600.0, gt=0, le=86400)
+    withdraw: list[str] = []      # argv run when a drain starts (e.g. withdraw the BGP route)
+    announce: list[str] = []      # argv run when a drain is undone
+
+
 class Balancer(Strict):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     data: DataPort
@@ -119,6 +164,14 @@ class Balancer(Strict):
     max_held: int = Field(4096, ge=64, le=1 << 20)
     dpdk: Dpdk = Dpdk()
     log: Log = Log()
+    admin: Admin = Admin()
+    metrics: Metrics = Metrics()
+    health: HealthLimits = HealthLimits()
+    drain: Drain = Drain()
+
+    @property
+    def admin_socket(self) -> str:
+        return self.admin.socket or f"/run/pylb/{self.name}.sock"
 
 
 class Encap(Strict):
@@ -140,6 +193,41 @@ class Backend(Strict):
     weight: int = Field(1, ge=0, le=65535)
 
 
+class HealthCheck(Strict):
+    """A VIP's backend checks (pylb/health.py, docs/health.md)."""
+
+    type: Literal["tcp", "http", "https"] = "tcp"
+    port: Optional[int] = Field(None, ge=1, le=65535)
+    path: str = Field("/", pattern=r"^/[^\s]*$")
+    host: Optional[str] = Field(None, min_length=1, max_length=255, pattern=r"^[^\s]+$")
+    expect_status: list[int] = Field([200], min_length=1)
+    interval: float = Field(2.0, ge=0.05, le=3600)
+    timeout: float = Field(1.0, gt=0, le=600)
+    rise: int = Field(2, ge=1, le=100)
+    fall: int = Field(3, ge=1, le=100)
+    via: Literal["direct"] = "direct"
+    tls_verify: bool = False
+
+    @field_validator("expect_status", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, int) else v
+
+    @field_validator("expect_status")
+    @classmethod
+    def _statuses(cls, v: list[int]) -> list[int]:
+        bad = [s for s in v if not 100 <= s <= 599]
+        if bad:
+            raise ValueError(f"HTTP statuses are 100..599, not {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _timeout_within_interval(self):
+        if self.timeout > self.interval:
+            raise ValueError(f"timeout {self.timeout} is longer than interval {self.interval}")
+        return self
+
+
 class Vip(Strict):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     address: IPAddress
@@ -149,6 +237,7 @@ class Vip(Strict):
     answer_arp: bool = False
     table_size: int = 65537
     backends: list[Backend] = Field(min_length=1)
+    health: Optional[HealthCheck] = None
 
     @field_validator("port", mode="before")
     @classmethod
@@ -172,6 +261,12 @@ class Vip(Strict):
         dupes = sorted({str(a) for a in addrs if addrs.count(a) > 1})
         if dupes:
             raise ValueError(f"backend addresses repeat: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _health_port(self):
+        if self.health is not None and self.health.port is None and self.port is None:
+            raise ValueError("health.port is required for an all-ports VIP")
         return self
 
     @property
@@ -256,6 +351,51 @@ class Config(Strict):
                 return vip
         raise ConfigError(f"no VIP named or addressed {name_or_address!r}; "
                           f"VIPs: {', '.join(v.name for v in self.vips)}")
+
+
+# What a running balancer can take from a new configuration: VIPs and their
+# backends, the cluster section (when there was one), logs. The rest shapes
+# memory, ports and processes set up at start (or, for flow_seed, every flow
+# id in every balancer), so a change there needs a restart.
+LIVE_BALANCER_FIELDS = {"log", "drain"}
+
+
+def live_change_errors(old: Config, new: Config) -> list[str]:
+    """Why `new` cannot replace `old` in a running balancer (empty: it can)."""
+    errors = []
+    for name in Balancer.model_fields:
+        if name in LIVE_BALANCER_FIELDS:
+            continue
+        if getattr(old.balancer, name) != getattr(new.balancer, name):
+            errors.append(f"balancer.{name}: cannot change while running (restart the balancer)")
+    if (old.cluster is None) != (new.cluster is None):
+        errors.append("cluster: cannot be added or removed while running (restart the balancer)")
+    return errors
+
+
+def describe_changes(old: Config, new: Config) -> dict[str, list[str]]:
+    """What a reload changes, for logs and the API: VIPs and backends
+    ("vip/backend") added, removed, reweighted; VIPs otherwise changed."""
+    out: dict[str, list[str]] = {k: [] for k in (
+        "vips_added", "vips_removed", "vips_changed", "backends_added", "backends_removed",
+        "backends_reweighted")}
+    before = {v.name: v for v in old.vips}
+    after = {v.name: v for v in new.vips}
+    out["vips_added"] = sorted(set(after) - set(before))
+    out["vips_removed"] = sorted(set(before) - set(after))
+    for name in sorted(set(before) & set(after)):
+        a, b = before[name], after[name]
+        ba, bb = {x.name: x for x in a.backends}, {x.name: x for x in b.backends}
+        out["backends_added"] += [f"{name}/{n}" for n in bb if n not in ba]
+        out["backends_removed"] += [f"{name}/{n}" for n in ba if n not in bb]
+        out["backends_reweighted"] += [f"{name}/{n}" for n in bb
+                                       if n in ba and ba[n].weight != bb[n].weight]
+        if a.model_copy(update={"backends": []}) != b.model_copy(update={"backends": []}) or \
+                any(ba[n].address != bb[n].address for n in bb if n in ba):
+            out["vips_changed"].append(name)
+    if old.cluster != new.cluster:
+        out["cluster_changed"] = ["cluster"]
+    return {k: v for k, v in out.items() if v}
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -62,3 +62,106 @@ def summary(stats: Stats, backend_counts, punts: dict[str, int] | None = None,
     broken = stats.broken_equations()
     out += ["", "Counter equations: " + ("all hold" if not broken else "BROKEN: " + ", ".join(broken))]
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------- the admin API's answers
+
+
+def _age(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 86400}d{s // 3600 % 24}h" if s >= 86400 else \
+        f"{s // 3600}h{s // 60 % 60}m" if s >= 3600 else f"{s // 60}m{s % 60}s"
+
+
+def backends(rows: list[dict]) -> str:
+    """`pylb backends`: one line per backend of the running configuration
+    (backends a reload removed are listed while cached flows may use them)."""
+    out = []
+    for r in rows:
+        state = r["health"] + (", drained" if r["drained"] else "")
+        out.append([r["vip"], r["backend"], r["address"], r["weight"], r["effective_weight"],
+                    state, r["buckets"], r["packets"], r["bytes"]])
+    return table(["vip", "backend", "address", "weight", "in use", "state", "buckets", "packets",
+                  "bytes"], out)
+
+
+def status(snap: dict) -> str:
+    """`pylb status`: the balancer, its VIPs and backends, the cluster, workers, counters."""
+    import time
+    b = snap["balancer"]
+    reloads = b["reloads"]
+    lines = [f"balancer {b['name']}  up {_age(time.time() - b['started_at'])}  "
+             f"generation {b['generation']}  device {b['device']} ({b['mac']})",
+             f"config   {b['config_file'] or '-'}  reloads ok {reloads.get('ok', 0)}, "
+             f"rejected {reloads.get('rejected', 0)}"]
+    if b["last_reload_error"]:
+        lines.append("last reload rejected: " + b["last_reload_error"].replace("\n", "\n  "))
+    drain = snap.get("drain")
+    if drain:
+        lines.append(f"DRAINING: {drain['state']} ({drain.get('detail', '')})")
+    lines += ["", "VIPs", table(
+        ["vip", "address", "proto", "port", "encap", "buckets", "checks", "change in force"],
+        [[v["name"], v["address"], v["protocol"], str(v["port"]), v["encap"], v["table_size"],
+          v["health_check"] or "-", "yes" if v["moved_buckets_in_force"] else "no"]
+         for v in snap["vips"]])]
+    lines += ["", "Backends", backends([r for r in snap["backends"] if r["active"]])]
+    c = snap.get("cluster")
+    if c:
+        lines += ["", f"Cluster (state exchange {'on' if c['state_exchange'] else 'off'}; "
+                  f"this balancer: {c['me']}; state entries held: {c['state_entries']})"]
+        shares = c.get("ownership", {})
+        rows = []
+        for name, address in sorted(c["members"].items()):
+            row = [name + (" (me)" if name == c["me"] else ""), address]
+            for size, per in sorted(shares.items()):
+                row.append(f"{per[name]['owner']} / {per[name]['backup']} of {size}")
+            rows.append(row)
+        lines.append(table(["balancer", "address"] + [f"owner / backup ({s})" for s in
+                                                        sorted(shares)], rows))
+        if c["counters"]:
+            lines += ["", table(["exchange", "count"], sorted(c["counters"].items()))]
+    else:
+        lines += ["", "Cluster: none (this balancer owns every bucket)"]
+    lines += ["", "Workers", table(["worker", "core", "busy", "polls"],
+                                    [[w["id"], str(w["core"]) if w["core"] is not None else "auto",
+                                      f"{100 * w['busy_ratio']:.1f}%", w["polls"]]
+                                     for w in snap["workers"]])]
+    s = snap["stats"]
+    counters = [["received", s["rx"]], ["forwarded", sum(s[k] for k in (
+        "fwd_cache_hit", "fwd_new", "fwd_table", "fwd_fragment", "fwd_verdict"))],
+        ["  from the flow cache", s["fwd_cache_hit"]], ["  new flows", s["fwd_new"]],
+        ["  by the table", s["fwd_table"]], ["  after a decision in Python", s["fwd_verdict"]],
+        ["to the owner (peer)", s["verdict_peer"]], ["dropped", s["drop_total"]],
+        ["flows cached now", snap["active_flows"]]]
+    lines += ["", "Counters", table(["counter", "packets"], counters)]
+    if snap["drops"]:
+        lines += ["", "Drops by reason",
+                  table(["reason", "packets"], sorted(snap["drops"].items()))]
+    return "\n".join(lines)
+
+
+def flow(f: dict) -> str:
+    """`pylb flows`: where one flow stands on a running balancer."""
+    lines = [f"flow      {f['flow']}", f"flow id   {f['flow_id']}"]
+    if f["vip"] is None:
+        return "\n".join(lines + ["vip       none: not for a VIP of this balancer"])
+    name = lambda r: f"{r['backend']} ({r['address']})" if r else "none"  # noqa: E731
+    cached = f["cached_here"]
+    lines += [f"vip       {f['vip']}",
+              f"bucket    {f['bucket']}" + (" (moved)" if f["moved"] else ""),
+              f"table     {name(f['table_backend'])}"]
+    if f["previous_backend"] is not None:
+        lines.append(f"previous  {name(f['previous_backend'])}")
+    lines.append(f"cached    on {f['balancer']}: {name(cached)}, idle {cached['idle_ms']} ms"
+                 if cached else f"cached    not on {f['balancer']}")
+    if f["stored_here"]:
+        lines.append(f"state     held here (owner/backup store): {f['stored_here']['address']}")
+    lines += [f"owner     {f['owner']}", f"backup    {f['backup'] or 'none'}"]
+    if cached:
+        lines.append(f"backend   {name(cached)} (cached)")
+    elif f["moved"]:
+        lines.append(f"backend   decided by the owner: its state, else the previous table "
+                     f"({name(f['previous_backend'])})")
+    else:
+        lines.append(f"backend   {name(f['table_backend'])} (by the table)")
+    return "\n".join(lines)
