@@ -22,7 +22,7 @@ import structlog
 
 from pylb import packet, peer
 from pylb.dataplane import NO_BACKEND, Classification
-from pylb.errors import Full
+from pylb.errors import Full, PylbError
 from pylb.flow_cache import TimeoutClass, now_ms
 from pylb.flow_id import FlowKey
 from pylb.ownership import Ownership
@@ -286,7 +286,7 @@ class ClusterNode:
             return Verdict(slot, Action.DROP) if slot is not None else None
         backend = self._backend_id(c.vip, rec.backend)
         for waiter in pend.waiters:
-            self._send(waiter, MessageType.STATE_ANSWER, (rec,))
+            self._answer(waiter, rec)
         if slot is not None:
             return Verdict(slot, Action.FORWARD, backend, cache=True)
         self._forward_for(pend.packet, backend, pend.flow_id, pend.key)
@@ -328,26 +328,30 @@ class ClusterNode:
         if not self.window.check_and_update(msg.sender, msg.seq):
             self.peer_stats.count("replayed")
             return
+        handler = {MessageType.STATE_REQUEST: self._on_request,
+                   MessageType.STATE_ANSWER: self._on_answer}.get(msg.type, self._on_records)
+        if handler(sender, msg) is False:
+            return      # dropped as malformed, and counted so, by the handler
+        # Counted last: each datagram counts under exactly one outcome
+        # (PeerStats: received == accepted + the drop reasons).
         if msg.view != self.view:
             self.peer_stats.count("view_mismatch")
         self.peer_stats.count("accepted")
-        handler = {MessageType.STATE_REQUEST: self._on_request,
-                   MessageType.STATE_ANSWER: self._on_answer}.get(msg.type, self._on_records)
-        handler(sender, msg)
 
-    def _on_request(self, sender: str, msg) -> None:
+    def _on_request(self, sender: str, msg) -> bool | None:
         """Rule 3 at the owner: forward the packet to the flow's backend and
         answer with the state (rule 4 when it has none). A new holder without
-        the state during a transition asks the former holders first."""
+        the state during a transition asks the former holders first. False:
+        the packet is no flow of a VIP (malformed, counted here)."""
         inner = packet.parse(ETH_FOR[msg.packet[0] >> 4] + msg.packet)
         if inner.result != packet.ParseResult.OK or not inner.sport:
             self.peer_stats.count("malformed")
-            return
+            return False
         key = FlowKey(inner.src, inner.dst, inner.sport, inner.dport, inner.l4_proto)
         c = self._classify(key)
         if c is None:
             self.peer_stats.count("malformed")
-            return
+            return False
         size = self._table_size(c.vip)
         holders = self.holders(size, c.bucket)
         kb = key.to_bytes()
@@ -367,14 +371,21 @@ class ClusterNode:
                     return
                 self.pending.pop(kb, None)
         if rec is None:
-            rec = self._decide_as_owner(key, c.flow_id, key.proto == UDP, holders)
+            # Asked without holding the bucket (a former holder during a
+            # transition, or another view): the decision goes to the holders,
+            # and no copy stays here, where no handoff would ever end it.
+            mine = self.name in holders
+            rec = self._decide_as_owner(key, c.flow_id, key.proto == UDP, holders, record=mine)
+            if rec is not None and not mine:
+                for h in holders:
+                    self._queue(h, rec, MessageType.STATE_PUSH)
         if rec is None:
             return
         if inner.tcp_flags & FIN_RST and not rec.closing:
             rec = dataclasses.replace(rec, closing=True, version=rec.version + 1)
             self.store.put(rec)
         self._forward_for(msg.packet, self._backend_id(c.vip, rec.backend), c.flow_id, key)
-        self._send(sender, MessageType.STATE_ANSWER, (rec,))
+        self._answer(sender, rec)
         self.counters["requests_answered"] += 1
 
     def _on_answer(self, sender: str, msg) -> None:
@@ -390,7 +401,7 @@ class ClusterNode:
         if self.name in self.holders(self._table_size(c.vip), c.bucket):
             self.store.put(rec)
         for waiter in pend.waiters:
-            self._send(waiter, MessageType.STATE_ANSWER, (rec,))
+            self._answer(waiter, rec)
             self.counters["requests_answered"] += 1
         if pend.local:
             self._cache(key, c.flow_id, self._backend_id(c.vip, rec.backend))
@@ -407,7 +418,12 @@ class ClusterNode:
     def _on_records(self, sender: str, msg) -> None:
         if msg.type == MessageType.REMOVE:
             for r in msg.records:
-                self.store.remove(r.key, r.version)
+                # An ended flow's removal older than the state held changes
+                # nothing: rule 6 of the protocol, counted as for any record.
+                if self.store.is_stale(r):
+                    self.peer_stats.count("stale")
+                else:
+                    self.store.remove(r.key, r.version)
             return
         for rec in msg.records:
             if self._accept(rec):
@@ -518,9 +534,23 @@ class ClusterNode:
                     log.debug("peer datagram not sent", target=target, error=str(exc))
 
     def _send(self, target: str, kind: MessageType, records, packet_bytes: bytes | None = None):
+        # A former member still answers and asks during a transition.
+        address = self.members.get(target) or self._prev_members.get(target)
+        if address is None:
+            raise PylbError(f"no address for balancer {target}")
         msg = peer.Message(kind, peer.balancer_id(self.name), self.view, self._next_seq(),
                            tuple(records), packet_bytes)
-        self.lb.worker.send_peer(self.members[target], peer.encode(msg, self.key))
+        self.lb.worker.send_peer(address, peer.encode(msg, self.key))
+
+    def _answer(self, target: str, rec: StateRecord) -> None:
+        """An answer is best effort, as every datagram is (the asker retries,
+        then asks the backup): a peer whose MAC is not known yet, e.g. one
+        that has just joined, must not end this balancer (seen in the lab)."""
+        try:
+            self._send(target, MessageType.STATE_ANSWER, (rec,))
+        except PylbError as exc:
+            self.counters["send_failed"] += 1
+            log.debug("state answer not sent", target=target, error=str(exc))
 
     # ------------------------------------------------------------ helpers
 

@@ -10,7 +10,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
-from pylb.peer import StateRecord
+from pylb.peer import RemoveRecord, StateRecord
 
 TCP, UDP = 6, 17
 
@@ -73,9 +73,13 @@ class StateStore:
         else:
             self.put(record)
 
-    def is_stale(self, record: StateRecord) -> bool:
+    def is_stale(self, record: StateRecord | RemoveRecord) -> bool:
+        """True when record (state, or a removal) is older than the state held:
+        it changes nothing. An expired entry is no state (its flow ended), as
+        for get() and put(), whether or not expire() has freed it yet."""
         entry = self._entries.get(record.key)
-        return entry is not None and record.version < entry.record.version
+        return (entry is not None and self._live(entry, self._clock())
+                and record.version < entry.record.version)
 
     def remove(self, key: bytes, version: int) -> bool:
         """Removes the flow unless a newer version is held."""

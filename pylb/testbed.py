@@ -107,21 +107,27 @@ class Testbed:
         self.alive.add(name)
         if join_router:
             self.router.append(name)
-        for other in self.alive - {name}:
+        for other in self.members_alive() - {name}:
             self.lbs[other].reconfigure(self.config(other))
 
     def set_backends(self, backends: list[str]) -> None:
         """A backend change applied on every live balancer (as configuration management would)."""
         self.previous_backends = self.backends
         self.backends = list(backends)
-        for name in self.alive:
+        for name in self.members_alive():
             self.lbs[name].reconfigure(self.config(name))
 
     def remove_balancer(self, name: str) -> None:
-        """A balancer leaves the cluster configuration (after leaving the router)."""
+        """A balancer leaves the cluster configuration (after leaving the router).
+        It keeps running (a former holder during the handoff) until killed."""
         self.names.remove(name)
-        for other in self.alive - {name}:
+        for other in self.members_alive():
             self.lbs[other].reconfigure(self.config(other))
+
+    def members_alive(self) -> set[str]:
+        """Live balancers the configuration lists: the ones configuration
+        management reaches (one that left keeps the configuration it had)."""
+        return self.alive & set(self.names)
 
     def kill(self, name: str) -> None:
         """The balancer stops dead: no more processing, frames sent to it are lost."""
@@ -183,8 +189,10 @@ class Testbed:
         if p.result != packet.ParseResult.OK or p.l3 != packet.L3.IPV4:
             return                                    # ARP and the like: no one else asks
         dst = str(p.dst)
-        for name in self.names:
-            if lb_address(self.index[name]) == dst:
+        # Any balancer that ever ran, configured or not: one that left still
+        # answers as a former holder, and frames to a dead one are lost.
+        for name, i in self.index.items():
+            if lb_address(i) == dst:
                 self._inject(name, [frame])
                 return
         d = traffic.decapsulate(frame)
