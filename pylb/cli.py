@@ -497,7 +497,8 @@ def lab_status() -> None:
     from pylb.lab.topology import lab_states
     states = lab_states()
     for st in states:
-        lbs = ", ".join(f"{n} pid {b['pid']} {'up' if b['running'] else 'down'}"
+        lbs = ", ".join(f"{n} pid {b['pid']} "
+                        f"{'running' if netns.process_start(b['pid']) is not None else 'gone'}"
                         for n, b in st.get("balancers", {}).items())
         click.echo(f"run {st['pid']} {'running' if st['alive'] else 'dead'}: "
                    f"{st['phase']}{' (' + st['step'] + ')' if st.get('step') else ''}; "
