@@ -2,6 +2,7 @@
  * workers swap in by reference: they never see a half-built table. */
 #include <stdlib.h>
 #include "dataplane.h"
+#include "encap.h"
 
 static uint32_t vip_hash(const struct pylb_ip *ip, uint8_t proto, uint16_t port)
 {
@@ -92,6 +93,9 @@ static void compile_backends(struct pylb_dataplane *dp, const struct pylb_dp_con
         b->next_hop = pylb_ip_is_zero(gw) ? in->addr : *gw;
         b->vip = vip;
         b->drained = in->weight_zero;
+        b->encap_valid = encap_params_valid(&b->encap);
+        b->outer_v4 = (uint8_t)pylb_ip_is_v4(&b->encap.dst);
+        b->overhead = b->encap_valid ? (uint8_t)encap_overhead(&b->encap) : 0;
     }
 }
 
@@ -142,6 +146,7 @@ PYLB_API int pylb_dataplane_compile(const struct pylb_dp_conf *c, struct pylb_da
         v->flags = in->flags;
         v->port = in->port;
         v->table_size = in->table_size;
+        v->bucket_magic = pylb_bucket_magic(in->table_size);
         v->current = tables;
         memcpy(tables, in->current, in->table_size * sizeof(uint32_t));
         tables += in->table_size;
@@ -183,7 +188,7 @@ PYLB_API int pylb_dataplane_classify(const struct pylb_dataplane *dp, const stru
     if (*vip < 0)
         return PYLB_OK;
     const struct dp_vip *v = &dp->vips[*vip];
-    *bucket = pylb_bucket(*flow_id, v->table_size);
+    *bucket = pylb_bucket_fast(*flow_id, v->table_size, v->bucket_magic);
     *current = v->current[*bucket];
     *previous = v->previous ? v->previous[*bucket] : *current;
     return PYLB_OK;

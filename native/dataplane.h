@@ -5,13 +5,19 @@
 #include "internal.h"
 
 struct dp_backend {
-    struct pylb_encap_params encap;  /* all but dst_mac filled at compile */
+    struct pylb_encap_params encap;  /* all but the MACs filled at compile */
     struct pylb_ip next_hop;         /* gateway of its family, or itself */
     uint32_t vip;
     uint8_t drained;
+    /* Checked once here, so the fast path checks per packet only what the
+     * packet changes (encap.h); 0: every packet takes pylb_encap_write. */
+    uint8_t encap_valid;
+    uint8_t outer_v4;
+    uint8_t overhead;                /* outer header bytes, Ethernet included */
 };
 
 struct dp_vip {
+    pylb_bucket_magic_t bucket_magic;  /* of table_size: buckets without a division */
     struct pylb_ip addr;
     uint8_t proto;
     uint8_t flags;
@@ -34,7 +40,9 @@ struct pylb_dataplane {
     struct dp_backend *backends;
     uint32_t index_mask;             /* open-addressed VIP index, power of two */
     int32_t *index;                  /* vip number or -1 */
-};
+} __attribute__((aligned(64)));    /* the VIPs that follow it need 16 (bucket_magic) */
+_Static_assert(sizeof(struct pylb_dataplane) % _Alignof(struct dp_vip) == 0,
+               "VIPs start aligned right after the header");
 
 /* VIP for (dst, proto, dport): an exact port match first, then "all ports". */
 int32_t dp_find_vip(const struct pylb_dataplane *dp, const struct pylb_ip *dst, uint8_t proto,

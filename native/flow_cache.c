@@ -344,6 +344,134 @@ PYLB_API int pylb_flow_cache_set_timeouts(struct pylb_flow_cache *c, const uint3
     return PYLB_OK;
 }
 
+/*
+ * How stale a hit may leave last_seen before it writes the shared line: 1/256
+ * of the class's timeout (about 1.2 s of TCP's 300 s). A busy flow then
+ * costs a write (a locked CAS, and a dirty line other cores must fetch
+ * again) about once per slack rather than once per clock tick, and it
+ * expires at most that much early.
+ */
+static inline uint32_t fc_refresh_slack(uint32_t timeout)
+{
+    return timeout >> 8;
+}
+
+/* Differences between an entry's key and ours, 0 when equal: five words
+ * compared at once, read straight from the caller's key (x86 and arm64 load
+ * unaligned words at no cost). */
+static inline uint64_t fc_key_diff(const struct fc_entry *e, const struct pylb_flow_key *key)
+{
+    uint64_t k[FC_KEY_WORDS];
+    memcpy(k, key, sizeof(k));
+    return (LOAD(&e->key[0]) ^ k[0]) | (LOAD(&e->key[1]) ^ k[1]) | (LOAD(&e->key[2]) ^ k[2])
+           | (LOAD(&e->key[3]) ^ k[3]) | (LOAD(&e->key[4]) ^ k[4]);
+}
+
+enum fc_way {
+    FC_NOT_HERE = 0,
+    FC_HIT = 1,
+    FC_BUSY = -1,       /* a writer holds the entry (odd), or wrote it during our read */
+    FC_CLAIM_LOST = -2  /* our flow, but a writer came in before our refresh */
+};
+
+/*
+ * One way of a lookup, in a single pass: a seqlock read of what a hit needs
+ * (the entry is not copied), then the refresh if one is due. On contention
+ * the caller takes fc_lookup_way, which waits and tries again.
+ */
+static inline enum fc_way fc_try_way(struct pylb_flow_cache *c, struct fc_entry *e,
+                                     const struct pylb_flow_key *key, uint64_t flow_id,
+                                     uint32_t now_ms, uint8_t tcp_flags, uint32_t *backend)
+{
+    uint32_t seq = __atomic_load_n(&e->seq, __ATOMIC_ACQUIRE);
+    if (PYLB_UNLIKELY(seq & 1))
+        return FC_BUSY;
+    uint64_t diff = (LOAD(&e->flow_id) ^ flow_id) | fc_key_diff(e, key);
+    uint8_t used = LOAD(&e->used), tclass = LOAD(&e->tclass);
+    uint32_t be = LOAD(&e->backend), last_seen = LOAD(&e->last_seen);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (PYLB_UNLIKELY(LOAD(&e->seq) != seq))
+        return FC_BUSY;
+    if (diff || !used)
+        return FC_NOT_HERE;
+    uint32_t timeout = LOAD(&c->hdr->timeouts_ms[tclass & 3]);
+    uint32_t age = now_ms - last_seen;
+    /* Live as in fc_live; an expired copy: a live one may sit in a later way. */
+    if (age + FC_SKEW_MS >= timeout + FC_SKEW_MS)
+        return FC_NOT_HERE;
+    uint8_t new_class = tclass == PYLB_TO_TCP && (tcp_flags & (TCP_FIN | TCP_RST))
+                            ? PYLB_TO_TCP_CLOSING : tclass;
+    /* Write the shared line only for a stamp older than the slack, or a new
+     * class: most packets of a busy flow change neither. */
+    int stale = (int32_t)age > 0 && age >= fc_refresh_slack(timeout);
+    if (PYLB_UNLIKELY(stale || new_class != tclass)) {
+        if (!fc_claim(e, seq))
+            return FC_CLAIM_LOST;
+        if (stale)
+            STORE(&e->last_seen, now_ms);
+        STORE(&e->tclass, new_class);
+        fc_publish(e, seq + 1);
+    }
+    *backend = be;
+    return FC_HIT;
+}
+
+/* A contended way, tried again with bounded patience: an entry a writer
+ * keeps odd (or rewrites under us) for FC_SPINS tries is skipped, and a hit
+ * whose refresh loses the entry to other writers FC_LOOKUP_ATTEMPTS times is
+ * reported as a miss: the slow path handles it, and the reader moves on. */
+static __attribute__((noinline)) int fc_lookup_way(struct pylb_flow_cache *c, struct fc_entry *e,
+                                                   const struct pylb_flow_key *key,
+                                                   uint64_t flow_id, uint32_t now_ms,
+                                                   uint8_t tcp_flags, uint32_t *backend,
+                                                   enum fc_way r)
+{
+    int spins = 0, attempts = 0;
+    for (;;) {
+        if (r == FC_BUSY) {
+            if (++spins >= FC_SPINS)
+                return 0;
+            fc_pause();
+        } else if (r == FC_CLAIM_LOST) {
+            if (++attempts >= FC_LOOKUP_ATTEMPTS)
+                return 0;
+        } else {
+            return r == FC_HIT;
+        }
+        if (LOAD(&e->flow_id) != flow_id)
+            return 0;
+        r = fc_try_way(c, e, key, flow_id, now_ms, tcp_flags, backend);
+    }
+}
+
+/* Looks a flow up in its set (prefetched or not); see pylb_flow_cache_lookup. */
+static inline int fc_lookup(struct pylb_flow_cache *c, struct fc_entry *set,
+                            const struct pylb_flow_key *key, uint64_t flow_id, uint32_t now_ms,
+                            uint8_t tcp_flags, uint32_t *backend)
+{
+    for (int w = 0; w < PYLB_FLOW_CACHE_WAYS; w++) {
+        struct fc_entry *e = set + w;
+        /* No state of an entry with another flow id can be our flow now:
+         * refresh and replace never rewrite flow_id. */
+        if (LOAD(&e->flow_id) != flow_id)
+            continue;
+        enum fc_way r = fc_try_way(c, e, key, flow_id, now_ms, tcp_flags, backend);
+        if (r == FC_HIT ||
+            (r < 0 && fc_lookup_way(c, e, key, flow_id, now_ms, tcp_flags, backend, r)))
+            return 1;
+    }
+    return 0;
+}
+
+static inline void fc_prefetch_set(const struct fc_entry *set)
+{
+    /* The whole set is 8 adjacent lines: ask for all now, so a miss costs one
+     * memory latency rather than eight. Read intent: a write-intent prefetch
+     * would take the lines away from the other cores that read them. */
+    for (int w = 0; w < PYLB_FLOW_CACHE_WAYS; w++)
+        __builtin_prefetch(set + w, 0, 3);
+}
+
 PYLB_API int pylb_flow_cache_lookup(struct pylb_flow_cache *c, const struct pylb_flow_key *key,
                                     uint64_t flow_id, uint32_t now_ms, uint8_t tcp_flags,
                                     uint32_t *backend)
@@ -351,46 +479,41 @@ PYLB_API int pylb_flow_cache_lookup(struct pylb_flow_cache *c, const struct pylb
     if (PYLB_UNLIKELY(!c || !key || !backend))
         return pylb_fail(PYLB_EINVAL, "flow_cache_lookup: NULL argument");
     struct fc_entry *set = fc_set(c, flow_id);
-    /* The whole set is 8 adjacent lines: ask for all now, so a miss costs one
-     * memory latency rather than eight. Read intent: a write-intent prefetch
-     * would take the lines away from the other cores that read them. */
-    for (int w = 0; w < PYLB_FLOW_CACHE_WAYS; w++)
-        __builtin_prefetch(set + w, 0, 3);
+    fc_prefetch_set(set);
+    return fc_lookup(c, set, key, flow_id, now_ms, tcp_flags, backend);
+}
 
-    uint64_t k[FC_KEY_WORDS];
-    fc_load_key(k, key);
-    for (int w = 0; w < PYLB_FLOW_CACHE_WAYS; w++) {
-        struct fc_entry *e = set + w;
-        for (int attempt = 0; attempt < FC_LOOKUP_ATTEMPTS; attempt++) {
-            /* Cheap rejection without a snapshot: a flow id differing from
-             * ours in any state of this entry means it is not our flow now
-             * (refresh and replace never rewrite flow_id). */
-            if (LOAD(&e->flow_id) != flow_id)
-                break;
-            struct fc_snap s;
-            if (!fc_snapshot(e, &s))
-                break;
-            if (!s.used || s.flow_id != flow_id || !fc_key_eq(s.key, k)
-                || !fc_live(c->hdr, s.last_seen, s.tclass, now_ms))
-                break;  /* an expired copy: a live one may sit in a later way */
-            uint8_t tclass = s.tclass;
-            if (tclass == PYLB_TO_TCP && (tcp_flags & (TCP_FIN | TCP_RST)))
-                tclass = PYLB_TO_TCP_CLOSING;
-            /* Write the shared line only for a newer stamp or a new class:
-             * most packets of a busy flow arrive within the same ms. */
-            if ((int32_t)(now_ms - s.last_seen) > 0 || tclass != s.tclass) {
-                if (!fc_claim(e, s.seq))
-                    continue;  /* someone wrote it meanwhile: look again */
-                if ((int32_t)(now_ms - s.last_seen) > 0)
-                    STORE(&e->last_seen, now_ms);
-                STORE(&e->tclass, tclass);
-                fc_publish(e, s.seq + 1);
-            }
-            *backend = s.backend;
-            return 1;
+PYLB_API int pylb_flow_cache_lookup_burst(struct pylb_flow_cache *c,
+                                          const struct pylb_flow_key *const *keys,
+                                          const uint64_t *flow_ids, const uint8_t *tcp_flags,
+                                          uint32_t n, uint32_t now_ms, uint32_t *backends,
+                                          uint64_t *hit_mask)
+{
+    if (PYLB_UNLIKELY(!c || !hit_mask || (n && (!keys || !flow_ids || !backends))))
+        return pylb_fail(PYLB_EINVAL, "flow_cache_lookup_burst: NULL argument");
+    if (PYLB_UNLIKELY(n > PYLB_LOOKUP_BURST_MAX))
+        return pylb_fail(PYLB_EINVAL, "flow_cache_lookup_burst: %u flows, at most %d", n,
+                         PYLB_LOOKUP_BURST_MAX);
+    /* Every set first: their memory latencies overlap instead of adding up,
+     * which is what a table larger than the CPU's caches is bound by. */
+    struct fc_entry *sets[PYLB_LOOKUP_BURST_MAX];
+    for (uint32_t i = 0; i < n; i++) {
+        sets[i] = fc_set(c, flow_ids[i]);
+        fc_prefetch_set(sets[i]);
+    }
+    uint64_t mask = 0;
+    int hits = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (PYLB_UNLIKELY(!keys[i]))
+            return pylb_fail(PYLB_EINVAL, "flow_cache_lookup_burst: key %u is NULL", i);
+        if (fc_lookup(c, sets[i], keys[i], flow_ids[i], now_ms, tcp_flags ? tcp_flags[i] : 0,
+                      &backends[i])) {
+            mask |= 1ull << i;
+            hits++;
         }
     }
-    return 0;
+    *hit_mask = mask;
+    return hits;
 }
 
 /*
@@ -440,6 +563,8 @@ PYLB_API int pylb_flow_cache_insert(struct pylb_flow_cache *c, const struct pylb
     if (timeout_class > PYLB_TO_OTHER)
         return pylb_fail(PYLB_EINVAL, "flow_cache_insert: timeout class %u", timeout_class);
     struct fc_entry *set = fc_set(c, flow_id);
+    /* The first pass reads all 8 ways: one memory latency, not eight. */
+    fc_prefetch_set(set);
     uint64_t k[FC_KEY_WORDS];
     fc_load_key(k, key);
 

@@ -76,8 +76,19 @@ PYLB_API uint64_t pylb_flow_id(const struct pylb_flow_key *key, uint64_t seed)
     return fmix64(acc ^ FLOW_KEY_BYTES);
 }
 
-/* m is never 0: tables are validated when they are built. */
+/* m is never 0: tables are validated when they are built. The reference
+ * definition; the fast path uses pylb_bucket_fast (internal.h). */
 PYLB_API uint32_t pylb_bucket(uint64_t flow_id, uint32_t m)
 {
     return (uint32_t)(flow_id % m);
+}
+
+PYLB_API int pylb_bucket_burst(const uint64_t *flow_ids, uint32_t n, uint32_t m, uint32_t *buckets)
+{
+    if (m == 0 || (n && (!flow_ids || !buckets)))
+        return pylb_fail(PYLB_EINVAL, "bucket_burst: m is 0 or an array is NULL");
+    pylb_bucket_magic_t magic = pylb_bucket_magic(m);
+    for (uint32_t i = 0; i < n; i++)
+        buckets[i] = pylb_bucket_fast(flow_ids[i], m, magic);
+    return PYLB_OK;
 }

@@ -38,6 +38,33 @@ static inline void pylb_ip_from_v4(struct pylb_ip *ip, const uint8_t v4[4])
     memcpy(ip->b + 12, v4, 4);
 }
 
+/*
+ * flow_id % m without a division, for the fast path (a 64-bit divide costs
+ * tens of cycles). With magic = ceil(2^128 / m), computed once per table,
+ * the remainder is the top bits of (magic * flow_id mod 2^128) * m: the
+ * fraction flow_id / m, kept to 128 bits, times m. This is exact for every
+ * 64-bit flow_id when m < 2^64 (Lemire, Kaser and Kurz, "Faster remainder by
+ * direct computation", 2019: 128 fraction bits cover 64 of numerator and 64
+ * of divisor). m = 1 gives magic 0 (2^128 wraps) and bucket 0, as it should.
+ * tests/test_flow_id.py compares it with Python's % over many values.
+ */
+typedef unsigned __int128 pylb_bucket_magic_t;
+
+static inline pylb_bucket_magic_t pylb_bucket_magic(uint32_t m)
+{
+    return ~(pylb_bucket_magic_t)0 / m + 1;
+}
+
+static inline uint32_t pylb_bucket_fast(uint64_t flow_id, uint32_t m, pylb_bucket_magic_t magic)
+{
+    pylb_bucket_magic_t frac = magic * flow_id;  /* modulo 2^128 */
+    /* (frac * m) >> 128 from two 64x32-bit products, so nothing overflows:
+     * the low half's carry into the high half is all that is kept of it. */
+    pylb_bucket_magic_t low = (pylb_bucket_magic_t)(uint64_t)frac * m;
+    pylb_bucket_magic_t high = (pylb_bucket_magic_t)(uint64_t)(frac >> 64) * m;
+    return (uint32_t)((high + (low >> 64)) >> 64);
+}
+
 /* The flow id's mixing over any bytes (flow_id.c); Maglev hashes names with it. */
 uint64_t pylb_hash_bytes(const uint8_t *data, size_t len, uint64_t seed);
 

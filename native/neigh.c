@@ -28,6 +28,7 @@ PYLB_API int pylb_neigh_create(uint32_t capacity, struct pylb_neigh **out)
         return pylb_fail(PYLB_ENOMEM, "neighbour table: out of memory");
     }
     n->mask = size - 1;
+    n->gen = 1;
     *out = n;
     return PYLB_OK;
 }
@@ -68,6 +69,7 @@ int neigh_learn(struct pylb_neigh *n, const struct pylb_ip *ip, const uint8_t ma
         return 0;
     memcpy(e->mac, mac, 6);
     e->state = NEIGH_DYNAMIC;
+    n->gen++;
     return 1;
 }
 
@@ -78,6 +80,7 @@ PYLB_API int pylb_neigh_set_static(struct pylb_neigh *n, const struct pylb_ip *i
         return pylb_fail(PYLB_EFULL, "neighbour table is full");
     memcpy(e->mac, mac, 6);
     e->state = NEIGH_STATIC;
+    n->gen++;
     return PYLB_OK;
 }
 

@@ -17,6 +17,9 @@ struct neigh_entry {
 struct pylb_neigh {
     uint32_t mask;
     struct neigh_entry *entries;
+    /* Changes whenever a MAC is learnt or set: workers keep each backend's
+     * next-hop MAC and look it up again only when this moved. Starts at 1. */
+    uint64_t gen;
 };
 
 /* The entry for ip, created PENDING if absent; NULL when the table is full. */

@@ -37,6 +37,7 @@ extern "C" {
 #define PYLB_NO_BACKEND 4294967295
 #define PYLB_MAX_VIPS 1024
 #define PYLB_FLOW_CACHE_WAYS 8
+#define PYLB_LOOKUP_BURST_MAX 64
 
 enum pylb_status {
     PYLB_OK = 0,
@@ -91,6 +92,10 @@ struct pylb_flow_key {
 uint64_t pylb_flow_id(const struct pylb_flow_key *key, uint64_t seed);
 /* Bucket of a flow id in a table of size m. */
 uint32_t pylb_bucket(uint64_t flow_id, uint32_t m);
+/* pylb_bucket of n flow ids, by the reduction the fast path uses: a
+ * multiply by a constant precomputed from m instead of a 64-bit division,
+ * exact for every flow id and m (docs/flow-id.md). m must not be 0. */
+int pylb_bucket_burst(const uint64_t *flow_ids, uint32_t n, uint32_t m, uint32_t *buckets);
 
 /* ------------------------------------------------------------------ parse */
 
@@ -172,11 +177,22 @@ int pylb_flow_cache_create(uint64_t capacity, const uint32_t timeouts_ms[4],
 void pylb_flow_cache_destroy(struct pylb_flow_cache *c);
 int pylb_flow_cache_set_timeouts(struct pylb_flow_cache *c, const uint32_t timeouts_ms[4]);
 
-/* Looks up one flow; on a hit writes the backend id, refreshes last-seen, and
- * moves TCP to closing on FIN/RST (tcp_flags). Returns 1 hit, 0 miss. */
+/* Looks up one flow; on a hit writes the backend id, refreshes last-seen
+ * (once it is 1/256 of the flow's timeout old: docs/flow-cache.md), and moves
+ * TCP to closing on FIN/RST (tcp_flags). Returns 1 hit, 0 miss. */
 int pylb_flow_cache_lookup(struct pylb_flow_cache *c, const struct pylb_flow_key *key,
                            uint64_t flow_id, uint32_t now_ms, uint8_t tcp_flags,
                            uint32_t *backend);
+/* Looks up n flows (n <= PYLB_LOOKUP_BURST_MAX) as n calls of
+ * pylb_flow_cache_lookup would, in order, but prefetches the sets of all of
+ * them first so that their memory latencies overlap. tcp_flags may be NULL
+ * (no FIN/RST). Bit i of *hit_mask is set, and backends[i] written, when flow
+ * i hit. Returns the number of hits, or a status. */
+int pylb_flow_cache_lookup_burst(struct pylb_flow_cache *c,
+                                 const struct pylb_flow_key *const *keys,
+                                 const uint64_t *flow_ids, const uint8_t *tcp_flags,
+                                 uint32_t n, uint32_t now_ms, uint32_t *backends,
+                                 uint64_t *hit_mask);
 /* Inserts or replaces a flow. PYLB_EFULL when its set holds only live flows
  * (the caller then forwards by the destination table; nothing is evicted). */
 int pylb_flow_cache_insert(struct pylb_flow_cache *c, const struct pylb_flow_key *key,
@@ -473,9 +489,11 @@ int pylb_worker_set_dataplane(struct pylb_worker *w, struct pylb_dataplane *dp,
                               struct pylb_dataplane **old);
 /*
  * Runs the burst loop until max_bursts bursts were received, or no frame came
- * for max_idle_us, or the punt array may not hold another burst. Idle periods
- * back off (sleeping up to idle_sleep_max_us at a time) so that several
- * balancers can share cores. Writes *n_punts punts.
+ * for max_idle_us, or max_idle_us passed since the call (when it is not 0),
+ * or the punt array may not hold another burst, or a punt or peer frame has
+ * waited 500 us for Python. Idle periods back off (sleeping up to
+ * idle_sleep_max_us at a time) so that several balancers can share cores.
+ * Writes *n_punts punts.
  */
 int pylb_worker_poll(struct pylb_worker *w, uint32_t max_bursts, uint32_t max_idle_us,
                      struct pylb_punt *punts, uint32_t max_punts, uint32_t *n_punts);

@@ -7,6 +7,7 @@
 #include <time.h>
 #include <rte_cycles.h>
 #include <rte_malloc.h>
+#include "encap.h"
 #include "worker.h"
 
 #define TCP_FIN 0x01
@@ -14,6 +15,11 @@
 #define TCP_RST 0x04
 #define TCP_ACK 0x10
 #define EMPTY_POLLS_BEFORE_SLEEP 64
+/* How long a punt or a peer frame may wait for Python once it is there. Under
+ * a steady trickle of frames neither max_bursts nor the idle bound ends a poll
+ * (a burst of one frame counts as a burst): held packets and state requests
+ * would wait for seconds (seen in the lab: 1-3 s stalls of TCP connections). */
+#define WORK_WAIT_US 500
 #define PEER_RING_SIZE 4096
 
 void worker_count_drop(struct pylb_worker *w, uint64_t *reason, struct rte_mbuf *m)
@@ -40,6 +46,23 @@ static uint8_t timeout_class(uint8_t proto, uint8_t tcp_flags)
     return proto == 17 ? PYLB_TO_UDP : PYLB_TO_OTHER;
 }
 
+_Static_assert(BACKEND_TX_HEADER >= ENCAP_MAX_OVERHEAD && ENCAP_MAX_OVERHEAD <= 96 &&
+               ENCAP_MIN_OVERHEAD >= 32, "headers fit, and encap_copy_fixed can copy them");
+
+/* Whatever the fast checks refused: pylb_encap_write's own checks say why
+ * (too big, no headroom, bad parameters), and the outcome is theirs. */
+static __attribute__((noinline)) int encap_checked(const struct pylb_worker *w,
+                                                   const struct dp_backend *b,
+                                                   const uint8_t dst_mac[6], uint8_t *buf,
+                                                   uint32_t off, uint16_t l3_total, uint8_t l3,
+                                                   uint64_t flow_id)
+{
+    struct pylb_encap_params params = b->encap;
+    memcpy(params.dst_mac, dst_mac, 6);
+    memcpy(params.src_mac, w->mac, 6);
+    return pylb_encap_write(&params, buf, off, l3_total, l3, flow_id);
+}
+
 /* Encapsulates the inner IP packet of m toward backend id and buffers it.
  * Returns NULL when sent, else the drop reason's counter (m is not freed). */
 uint64_t *worker_encap_send(struct pylb_worker *w, struct rte_mbuf *m, uint32_t id,
@@ -49,14 +72,33 @@ uint64_t *worker_encap_send(struct pylb_worker *w, struct rte_mbuf *m, uint32_t 
     if (PYLB_UNLIKELY(id >= dp->n_backends))
         return &w->st.drop_no_backend;
     const struct dp_backend *b = &dp->backends[id];
-    struct pylb_encap_params params = b->encap;
-    if (PYLB_UNLIKELY(!pylb_neigh_lookup(w->neigh, &b->next_hop, params.dst_mac))) {
-        neigh_solicit(w, &b->next_hop, 0);
-        return &w->st.drop_no_neighbor;
+    /* The next hop's MAC and the backend's headers as last prepared, while
+     * the neighbour table has not changed since: per packet, no hash probe,
+     * and only the fields that change are written. */
+    struct backend_tx *tx = &w->be_tx[id];
+    if (PYLB_UNLIKELY(tx->gen != w->neigh->gen)) {
+        if (!pylb_neigh_lookup(w->neigh, &b->next_hop, tx->mac)) {
+            neigh_solicit(w, &b->next_hop, 0);
+            return &w->st.drop_no_neighbor;
+        }
+        if (b->encap_valid) {
+            encap_fixed(&b->encap, tx->mac, w->mac, tx->fixed[0], 4, b->outer_v4);
+            encap_fixed(&b->encap, tx->mac, w->mac, tx->fixed[1], 6, b->outer_v4);
+        }
+        tx->gen = w->neigh->gen;
     }
-    memcpy(params.src_mac, w->mac, 6);
+    uint8_t *buf = (uint8_t *)m->buf_addr;
     uint32_t off = m->data_off + l2_len;
-    int rc = pylb_encap_write(&params, (uint8_t *)m->buf_addr, off, l3_total, l3, flow_id);
+    int rc;
+    if (PYLB_LIKELY(b->encap_valid &&
+                    encap_fits(&b->encap, buf, off, l3_total, l3, b->overhead))) {
+        uint8_t *eth = buf + off - b->overhead;
+        encap_copy_fixed(eth, tx->fixed[l3 == 6], b->overhead);
+        encap_varying(b->encap.kind, eth, b->overhead, l3_total, l3, flow_id, b->outer_v4);
+        rc = b->overhead;
+    } else {
+        rc = encap_checked(w, b, tx->mac, buf, off, l3_total, l3, flow_id);
+    }
     if (PYLB_UNLIKELY(rc < 0))
         return rc == PYLB_ETOOBIG ? &w->st.drop_too_big : &w->st.drop_encap;
     m->data_off = (uint16_t)(off - (uint32_t)rc);
@@ -103,6 +145,10 @@ static int hold(struct pylb_worker *w, struct rte_mbuf *m, const struct pylb_par
     return 1;
 }
 
+static int vip_miss(struct pylb_worker *w, struct rte_mbuf *m, const struct pylb_parsed *pp,
+                    int32_t vi, uint64_t flow_id, uint32_t now, struct pylb_punt *punt,
+                    int room);
+
 /* A packet to a VIP. Returns the number of punts written (0 or 1). */
 static int handle_vip(struct pylb_worker *w, struct rte_mbuf *m, const struct pylb_parsed *pp,
                       int32_t vi, uint32_t now, struct pylb_punt *punt, int room)
@@ -116,7 +162,7 @@ static int handle_vip(struct pylb_worker *w, struct rte_mbuf *m, const struct py
         struct pylb_flow_key k3 = pp->key;
         k3.sport = k3.dport = 0;
         uint64_t id3 = pylb_flow_id(&k3, dp->flow_seed);
-        uint32_t be = v->current[pylb_bucket(id3, v->table_size)];
+        uint32_t be = v->current[pylb_bucket_fast(id3, v->table_size, v->bucket_magic)];
         if (be == PYLB_NO_BACKEND) {
             worker_count_drop(w, &w->st.drop_no_backend, m);
             return 0;
@@ -132,7 +178,18 @@ static int handle_vip(struct pylb_worker *w, struct rte_mbuf *m, const struct py
             w->st.fwd_cache_hit++;
         return 0;
     }
-    uint32_t bucket = pylb_bucket(flow_id, v->table_size);
+    return vip_miss(w, m, pp, vi, flow_id, now, punt, room);
+}
+
+/* A packet to a VIP whose flow the cache does not hold: the tables decide,
+ * or Python does. Returns the number of punts written (0 or 1). */
+static int vip_miss(struct pylb_worker *w, struct rte_mbuf *m, const struct pylb_parsed *pp,
+                    int32_t vi, uint64_t flow_id, uint32_t now, struct pylb_punt *punt,
+                    int room)
+{
+    const struct dp_vip *v = &w->dp->vips[vi];
+    uint8_t l3 = pp->l3;
+    uint32_t bucket = pylb_bucket_fast(flow_id, v->table_size, v->bucket_magic);
     uint32_t cur = v->current[bucket];
     uint32_t prev = v->previous ? v->previous[bucket] : cur;
     int moved = cur != prev;
@@ -193,18 +250,12 @@ static int handle_vip(struct pylb_worker *w, struct rte_mbuf *m, const struct py
     return notice;
 }
 
-/* Classifies one frame; returns punts written. */
-static int handle_frame(struct pylb_worker *w, struct rte_mbuf *m, uint32_t now,
-                        struct pylb_punt *punt, int room)
+/* Everything but a VIP's unfragmented packets, once parsed (rc, pp):
+ * returns punts written. */
+static int handle_frame(struct pylb_worker *w, struct rte_mbuf *m, int rc,
+                        const struct pylb_parsed *pp, uint32_t now, struct pylb_punt *punt,
+                        int room)
 {
-    struct pylb_parsed pp;
-    w->st.rx++;
-    w->st.rx_bytes += m->pkt_len;
-    if (PYLB_UNLIKELY(m->nb_segs > 1) && rte_pktmbuf_linearize(m) != 0) {
-        worker_count_drop(w, &w->st.drop_too_big, m);
-        return 0;
-    }
-    int rc = pylb_parse(rte_pktmbuf_mtod(m, const uint8_t *), m->data_len, &pp);
     if (PYLB_UNLIKELY(rc != PYLB_PARSE_OK)) {
         if (rc == PYLB_PARSE_TRUNCATED)
             worker_count_drop(w, &w->st.drop_parse_truncated, m);
@@ -214,22 +265,22 @@ static int handle_frame(struct pylb_worker *w, struct rte_mbuf *m, uint32_t now,
             worker_to_exception(w, m, &w->st.drop_not_ip);
         return 0;
     }
-    if (PYLB_UNLIKELY(pp.l3 == PYLB_L3_ARP)) {
-        neigh_handle_arp(w, m, &pp);
+    if (PYLB_UNLIKELY(pp->l3 == PYLB_L3_ARP)) {
+        neigh_handle_arp(w, m, pp);
         return 0;
     }
     const struct pylb_dataplane *dp = w->dp;
     /* Later fragments carry no port: every fragment of a datagram finds its
      * VIP by address and protocol alone, so all of them meet at one VIP. */
-    int32_t vi = PYLB_UNLIKELY(pp.flags & PYLB_PF_FRAGMENT)
-                     ? dp_find_vip_any_port(dp, &pp.key.dst, pp.l4_proto)
-                     : dp_find_vip(dp, &pp.key.dst, pp.l4_proto, pp.key.dport);
+    int32_t vi = PYLB_UNLIKELY(pp->flags & PYLB_PF_FRAGMENT)
+                     ? dp_find_vip_any_port(dp, &pp->key.dst, pp->l4_proto)
+                     : dp_find_vip(dp, &pp->key.dst, pp->l4_proto, pp->key.dport);
     if (PYLB_LIKELY(vi >= 0))
-        return handle_vip(w, m, &pp, vi, now, punt, room);
-    if (pp.l4_proto == 58 && neigh_handle_nd(w, m, &pp))
+        return handle_vip(w, m, pp, vi, now, punt, room);
+    if (pp->l4_proto == 58 && neigh_handle_nd(w, m, pp))
         return 0;
-    if (dp_is_local(dp, &pp.key.dst) && dp->peer_port && pp.l4_proto == 17 &&
-        pp.key.dport == dp->peer_port && (pp.flags & PYLB_PF_HAS_L4)) {
+    if (dp_is_local(dp, &pp->key.dst) && dp->peer_port && pp->l4_proto == 17 &&
+        pp->key.dport == dp->peer_port && (pp->flags & PYLB_PF_HAS_L4)) {
         /* Peer messages take their own ring, never the VIP path. */
         if (rte_ring_enqueue(w->peer_ring, m) == 0)
             w->st.peer_rx++;
@@ -237,11 +288,84 @@ static int handle_frame(struct pylb_worker *w, struct rte_mbuf *m, uint32_t now,
             worker_count_drop(w, &w->st.drop_peer_ring_full, m);
         return 0;
     }
-    if (pp.l4_proto == 1 || pp.l4_proto == 58)
+    if (pp->l4_proto == 1 || pp->l4_proto == 58)
         worker_to_exception(w, m, &w->st.drop_icmp);
     else
         worker_to_exception(w, m, &w->st.drop_no_vip);
     return 0;
+}
+
+/*
+ * One received burst, in stages so that memory latencies overlap instead of
+ * adding up: parse every frame and hash every VIP flow, look all of them up
+ * in the flow cache at once (every set prefetched first), then forward the
+ * hits and take the rest through handle_frame, in arrival order. Returns
+ * punts written; room is what handle_frame's first call may use.
+ */
+static uint32_t handle_burst(struct pylb_worker *w, struct rte_mbuf **m, uint16_t n,
+                             uint32_t now, struct pylb_punt *punts, int room)
+{
+    const struct pylb_dataplane *dp = w->dp;
+    struct pylb_parsed pp[PYLB_BURST];
+    int rc[PYLB_BURST];
+    int32_t vip[PYLB_BURST];           /* >= 0: a VIP flow, looked up as number asked_at[i] */
+    const struct pylb_flow_key *keys[PYLB_BURST];
+    uint64_t ids[PYLB_BURST];
+    uint8_t flags[PYLB_BURST], asked_at[PYLB_BURST];
+    uint32_t backends[PYLB_BURST], asked = 0;
+
+    for (uint16_t i = 0; i < n; i++)
+        rte_prefetch0(rte_pktmbuf_mtod(m[i], void *));
+    for (uint16_t i = 0; i < n; i++) {
+        vip[i] = -1;
+        w->st.rx++;
+        w->st.rx_bytes += m[i]->pkt_len;
+        if (PYLB_UNLIKELY(m[i]->nb_segs > 1) && rte_pktmbuf_linearize(m[i]) != 0) {
+            worker_count_drop(w, &w->st.drop_too_big, m[i]);
+            m[i] = NULL;
+            continue;
+        }
+        rc[i] = pylb_parse(rte_pktmbuf_mtod(m[i], const uint8_t *), m[i]->data_len, &pp[i]);
+        if (PYLB_UNLIKELY(rc[i] != PYLB_PARSE_OK || pp[i].l3 == PYLB_L3_ARP ||
+                          (pp[i].flags & PYLB_PF_FRAGMENT)))
+            continue;
+        int32_t vi = dp_find_vip(dp, &pp[i].key.dst, pp[i].l4_proto, pp[i].key.dport);
+        if (vi < 0)
+            continue;
+        vip[i] = vi;
+        asked_at[i] = (uint8_t)asked;
+        keys[asked] = &pp[i].key;
+        ids[asked] = pylb_flow_id(&pp[i].key, dp->flow_seed);
+        flags[asked++] = pp[i].tcp_flags;
+    }
+    uint64_t hits = 0;
+    if (asked)
+        pylb_flow_cache_lookup_burst(w->cache, keys, ids, flags, asked, now, backends, &hits);
+    uint32_t np = 0;
+    uint64_t inserts = w->st.cache_insert;
+    for (uint16_t i = 0; i < n; i++) {
+        if (PYLB_UNLIKELY(m[i] == NULL))
+            continue;
+        int room_i = room - (int)np;
+        if (vip[i] < 0) {
+            np += (uint32_t)handle_frame(w, m[i], rc[i], &pp[i], now, &punts[np], room_i);
+            continue;
+        }
+        uint32_t j = asked_at[i];
+        if (hits >> j & 1) {
+            if (worker_forward(w, m[i], backends[j], pp[i].l2_len, pp[i].l3_total, pp[i].l3,
+                               ids[j]))
+                w->st.fwd_cache_hit++;
+        } else if (PYLB_UNLIKELY(w->st.cache_insert != inserts)) {
+            /* An earlier packet of this burst cached a flow after the
+             * lookup: it may be this one's (a SYN and its next packet), so
+             * ask the cache again rather than take a hit for a miss. */
+            np += (uint32_t)handle_vip(w, m[i], &pp[i], vip[i], now, &punts[np], room_i);
+        } else {
+            np += (uint32_t)vip_miss(w, m[i], &pp[i], vip[i], ids[j], now, &punts[np], room_i);
+        }
+    }
+    return np;
 }
 
 static void flush(struct pylb_worker *w, uint64_t now_tsc)
@@ -269,7 +393,11 @@ PYLB_API int pylb_worker_poll(struct pylb_worker *w, uint32_t max_bursts, uint32
         return pylb_fail(PYLB_ESTATE, "poll: no dataplane set");
     uint64_t hz = rte_get_tsc_hz();
     uint64_t max_idle = (uint64_t)max_idle_us * hz / 1000000u;
-    uint64_t idle_start = 0;
+    uint64_t work_wait = (uint64_t)WORK_WAIT_US * hz / 1000000u;
+    uint64_t idle_start = 0, work_since = 0;
+    /* max_idle_us also bounds the whole call, so that Python's timers (state
+     * pushes, request retries, a reload) run that often whatever the traffic. */
+    uint64_t call_end = max_idle_us ? rte_rdtsc() + max_idle : UINT64_MAX;
     uint32_t np = 0, bursts = 0, empty = 0, sleep_us = 0;
     struct rte_mbuf *m[PYLB_BURST];
     w->st.polls++;
@@ -280,11 +408,9 @@ PYLB_API int pylb_worker_poll(struct pylb_worker *w, uint32_t max_bursts, uint32
             pump_exception_port(w);
         if (n > 0) {
             uint32_t now = pylb_now_ms();
-            for (uint16_t i = 0; i < n; i++) {
-                if (i + 1 < n)
-                    rte_prefetch0(rte_pktmbuf_mtod(m[i + 1], void *));
-                np += handle_frame(w, m[i], now, &punts[np], (int)(max_punts - np - PYLB_BURST));
-            }
+            np += handle_burst(w, m, n, now, &punts[np], (int)(max_punts - np - PYLB_BURST));
+            if (work_since == 0 && (np > 0 || rte_ring_count(w->peer_ring) > 0))
+                work_since = now_tsc;
             bursts++;
             empty = 0;
             sleep_us = 0;
@@ -306,6 +432,8 @@ PYLB_API int pylb_worker_poll(struct pylb_worker *w, uint32_t max_bursts, uint32
         }
         if (now_tsc - w->last_flush_tsc >= w->tx_drain_tsc)
             flush(w, now_tsc);
+        if ((work_since && now_tsc - work_since >= work_wait) || now_tsc >= call_end)
+            break;
     }
     flush(w, rte_rdtsc());
     *n_punts = np;
@@ -418,6 +546,7 @@ PYLB_API void pylb_worker_destroy(struct pylb_worker *w)
     free(w->free_slots);
     free(w->be_packets);
     free(w->be_bytes);
+    free(w->be_tx);
     rte_free(w->txb);
     rte_free(w);
 }
@@ -433,9 +562,13 @@ PYLB_API int pylb_worker_set_dataplane(struct pylb_worker *w, struct pylb_datapl
     /* Backend ids are stable across configurations: counts carry over. */
     uint32_t n = RTE_MAX(dp->n_backends, RTE_MAX(w->n_be, 1u));
     uint64_t *p = calloc(n, sizeof(uint64_t)), *b = calloc(n, sizeof(uint64_t));
-    if (p == NULL || b == NULL) {
+    /* Next hops and parameters are the new configuration's: every backend's
+     * MAC and headers are prepared again. */
+    struct backend_tx *tx = calloc(n, sizeof(*tx));
+    if (p == NULL || b == NULL || tx == NULL) {
         free(p);
         free(b);
+        free(tx);
         return pylb_fail(PYLB_ENOMEM, "set_dataplane: out of memory");
     }
     if (w->n_be) {
@@ -444,8 +577,10 @@ PYLB_API int pylb_worker_set_dataplane(struct pylb_worker *w, struct pylb_datapl
     }
     free(w->be_packets);
     free(w->be_bytes);
+    free(w->be_tx);
     w->be_packets = p;
     w->be_bytes = b;
+    w->be_tx = tx;
     w->n_be = n;
     if (old)
         *old = w->dp;

@@ -20,6 +20,16 @@ struct held_pkt {
     uint8_t proto;
 };
 
+/* What every packet to one backend shares: its next hop's MAC, and its outer
+ * headers but for what changes per packet (encap.h: encap_fixed), one per
+ * inner family. Valid while the neighbour table's gen is `gen`. */
+#define BACKEND_TX_HEADER 84         /* ENCAP_MAX_OVERHEAD (worker.c checks) */
+struct backend_tx {
+    uint64_t gen;                    /* 0: not prepared (gens start at 1) */
+    uint8_t mac[6];
+    uint8_t fixed[2][BACKEND_TX_HEADER];  /* inner IPv4, inner IPv6 */
+};
+
 struct pylb_worker {
     struct pylb_port *port;
     struct pylb_port *exc_port;
@@ -40,6 +50,7 @@ struct pylb_worker {
     struct held_pkt *held;
     uint64_t *be_packets;        /* per backend id of the current dataplane */
     uint64_t *be_bytes;
+    struct backend_tx *be_tx;    /* per backend id: MAC and headers, as last prepared */
     uint32_t n_be;
     struct pylb_stats st;
 };

@@ -51,9 +51,17 @@ def check(status: int, what: str) -> int:
     return status
 
 
+_ADDRESS_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
+
+
+def _address(address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    # ip_address() of an address object formats and parses it again.
+    return address if isinstance(address, _ADDRESS_TYPES) else ipaddress.ip_address(address)
+
+
 def ip_to_c(address: str | ipaddress.IPv4Address | ipaddress.IPv6Address, out) -> None:
     """Writes an address into a struct pylb_ip (IPv4 as ::ffff:a.b.c.d)."""
-    ip = ipaddress.ip_address(address)
+    ip = _address(address)
     if ip.version == 4:
         packed = b"\x00" * 10 + b"\xff\xff" + ip.packed
     else:
@@ -71,5 +79,5 @@ def ip_from_c(cip) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 def ip_bytes16(address) -> bytes:
     """The 16-byte form of an address used in flow keys."""
-    ip = ipaddress.ip_address(address)
+    ip = _address(address)
     return (b"\x00" * 10 + b"\xff\xff" + ip.packed) if ip.version == 4 else ip.packed

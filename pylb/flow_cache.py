@@ -19,6 +19,7 @@ from pylb.errors import InvalidArgument, StateError
 
 KEY_SIZE = 40
 WAYS = lib.PYLB_FLOW_CACHE_WAYS
+LOOKUP_BURST_MAX = lib.PYLB_LOOKUP_BURST_MAX
 _U32 = 0xFFFFFFFF
 
 
@@ -166,6 +167,26 @@ class FlowCache:
         hit = check(lib.pylb_flow_cache_lookup(self._c(), _key(key), flow_id, now_ms & _U32,
                                                tcp_flags, backend), "flow cache lookup")
         return backend[0] if hit else None
+
+    def lookup_burst(self, keys: list[bytes], flow_ids: list[int], now_ms: int,
+                     tcp_flags: list[int] | None = None) -> list[int | None]:
+        """lookup() of many flows in one call, in order, each set prefetched
+        before any is read (pylb_flow_cache_lookup_burst): the backend of each
+        live flow, or None. At most LOOKUP_BURST_MAX flows per call."""
+        n = len(keys)
+        if len(flow_ids) != n or (tcp_flags is not None and len(tcp_flags) != n):
+            raise InvalidArgument("keys, flow ids and TCP flags differ in number")
+        if n > LOOKUP_BURST_MAX:
+            raise InvalidArgument(f"{n} flows in one burst: at most {LOOKUP_BURST_MAX}")
+        held = [_key(k) for k in keys]  # alive until the call returns
+        c_keys = ffi.new("struct pylb_flow_key *[]", held or 1)
+        ids = ffi.new("uint64_t[]", flow_ids or [0])
+        flags = ffi.new("uint8_t[]", tcp_flags) if tcp_flags else ffi.NULL
+        backends = ffi.new("uint32_t[]", max(n, 1))
+        mask = ffi.new("uint64_t *")
+        check(lib.pylb_flow_cache_lookup_burst(self._c(), c_keys, ids, flags, n, now_ms & _U32,
+                                               backends, mask), "flow cache lookup burst")
+        return [backends[i] if mask[0] >> i & 1 else None for i in range(n)]
 
     def insert(self, key: bytes, flow_id: int, backend: int, now_ms: int,
                timeout_class: TimeoutClass = TimeoutClass.TCP) -> None:

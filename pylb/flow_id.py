@@ -11,6 +11,7 @@ import ipaddress
 import re
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_ADDRESS_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
 
 PROTOCOLS = {"tcp": 6, "udp": 17}
 _PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
@@ -70,9 +71,13 @@ class FlowKey:
     proto: int
 
     def __post_init__(self) -> None:
-        # Strings are accepted for convenience; the fields always hold address objects.
-        object.__setattr__(self, "src", ipaddress.ip_address(self.src))
-        object.__setattr__(self, "dst", ipaddress.ip_address(self.dst))
+        # Strings are accepted for convenience; the fields always hold address
+        # objects. An address object is kept as it is: ip_address() would turn
+        # it into a string and parse it again (microseconds on the miss path).
+        if not isinstance(self.src, _ADDRESS_TYPES):
+            object.__setattr__(self, "src", ipaddress.ip_address(self.src))
+        if not isinstance(self.dst, _ADDRESS_TYPES):
+            object.__setattr__(self, "dst", ipaddress.ip_address(self.dst))
         if self.src.version != self.dst.version:
             raise ValueError(f"{self.src} and {self.dst} are not of the same IP version")
         for name in ("sport", "dport"):

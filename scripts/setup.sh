@@ -51,7 +51,9 @@ fi
 
 # Hugepages: 2 MiB pages, mounted at /dev/hugepages. Where the kernel refuses
 # (containers), pylb runs DPDK with --no-huge and says so once at start.
-HUGEPAGES=${PYLB_HUGEPAGES:-1024}
+# 4 GiB by default: `pylb bench` holds 10M flows in a 2 GiB flow cache
+# (bench/README.md) while tests and balancers take their own.
+HUGEPAGES=${PYLB_HUGEPAGES:-2048}
 if [ -w /proc/sys/vm/nr_hugepages ]; then
   have=$(cat /proc/sys/vm/nr_hugepages)
   if [ "$have" -lt "$HUGEPAGES" ]; then

@@ -93,19 +93,30 @@ class Live:
         self.checker.close()
         self.admin.close()
         self.stopping = True
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=30)
+
+    @property
+    def stopped(self) -> bool:
+        return not self.thread.is_alive()
 
 
 @contextlib.contextmanager
 def live_balancer(cfg_path: pathlib.Path, socket_path: str):
     cfg = config_mod.load(cfg_path)
-    with Balancer(cfg) as lb:
+    lb = Balancer(cfg)
+    live = None
+    try:
         lb.config_file = str(cfg_path)
         live = Live(lb, socket_path)
-        try:
-            yield live
-        finally:
+        yield live
+    finally:
+        if live is not None:
             live.close()
+        # Closing the worker under a loop thread still polling it would crash
+        # the test process: leave it open, and say so, rather than that.
+        if live is not None and not live.stopped:
+            raise RuntimeError("the balancer's loop thread did not stop within 30 s")
+        lb.close()
 
 
 def deliveries(frames: list[bytes]) -> dict[tuple, list[str]]:

@@ -115,6 +115,72 @@ def test_capacity_rounds_up_to_a_power_of_two_number_of_sets(requested, capacity
         assert c.footprint == footprint_for(requested) == HEADER + 64 * capacity
 
 
+# ------------------------------------------------------------------ burst lookup
+
+def test_lookup_burst_answers_as_lookups_in_order_would(cache):
+    """Hits, misses, a flow twice (refreshed by the first), FIN moving one to
+    closing, an expired flow, a key sharing another's flow id."""
+    cache.insert(key(1), fid(1), 11, now_ms=0)
+    cache.insert(key(2), fid(2), 22, now_ms=0, timeout_class=TimeoutClass.UDP)
+    cache.insert(key(3), fid(3), 33, now_ms=0, timeout_class=TimeoutClass.OTHER)
+    keys = [key(1), key(4), key(2), key(1), key(3), key(5, src=v4(10, 0, 0, 2)), key(2)]
+    ids = [fid(1), fid(4), fid(2), fid(1), fid(3), fid(2), fid(2)]
+    flags = [0, 0, FIN, 0, 0, 0, 0]
+    got = cache.lookup_burst(keys, ids, now_ms=300, tcp_flags=flags)
+    #        hit miss hit (UDP: FIN means nothing) hit, OTHER expired at 200, alias, hit
+    assert got == [11, None, 22, 11, None, None, 22]
+    with FlowCache(64, TIMEOUTS) as single:
+        single.insert(key(1), fid(1), 11, now_ms=0)
+        single.insert(key(2), fid(2), 22, now_ms=0, timeout_class=TimeoutClass.UDP)
+        single.insert(key(3), fid(3), 33, now_ms=0, timeout_class=TimeoutClass.OTHER)
+        assert [single.lookup(k, f, 300, g) for k, f, g in zip(keys, ids, flags)] == got
+        # Both refreshed what they hit, alike: the UDP flow to 300 + 500.
+        for c in (cache, single):
+            assert [c.count(t) for t in (799, 800, 1299, 1300)] == [2, 1, 1, 0]
+
+
+def test_lookup_burst_refreshes_and_closes_like_lookup(cache):
+    cache.insert(key(1), fid(1), 7, now_ms=0)
+    cache.insert(key(2), fid(2), 8, now_ms=0)
+    assert cache.lookup_burst([key(1), key(2)], [fid(1), fid(2)], now_ms=999,
+                              tcp_flags=[ACK, RST]) == [7, 8]
+    assert cache.count(999 + TIMEOUT_OF[TimeoutClass.TCP_CLOSING]) == 1  # key(2) closing
+    assert cache.count(1998) == 1 and cache.count(1999) == 0             # key(1) refreshed
+
+
+def test_lookup_burst_of_many_flows_across_sets():
+    with FlowCache(4096, TIMEOUTS) as c:
+        for i in range(0, 2000, 2):
+            c.insert(key(i), fid(i), i, now_ms=0)
+        for start in range(0, 2000, 64):
+            n = list(range(start, min(start + 64, 2000)))
+            got = c.lookup_burst([key(i) for i in n], [fid(i) for i in n], now_ms=1)
+            assert got == [i if i % 2 == 0 else None for i in n]
+
+
+def test_lookup_burst_without_flags_or_flows(cache):
+    cache.insert(key(1), fid(1), 7, now_ms=0)
+    assert cache.lookup_burst([key(1)], [fid(1)], now_ms=1) == [7]
+    assert cache.lookup_burst([], [], now_ms=1) == []
+
+
+def test_lookup_burst_limits(cache):
+    from pylb.flow_cache import LOOKUP_BURST_MAX
+    with pytest.raises(InvalidArgument):
+        cache.lookup_burst([key(1)] * (LOOKUP_BURST_MAX + 1), [1] * (LOOKUP_BURST_MAX + 1), 0)
+    with pytest.raises(InvalidArgument):
+        cache.lookup_burst([key(1)], [1, 2], 0)
+    from pylb._ffi import ffi, lib
+    mask = ffi.new("uint64_t *")
+    keys = ffi.new("struct pylb_flow_key *[]", 1)   # a NULL key
+    ids = ffi.new("uint64_t[]", [1])
+    out = ffi.new("uint32_t[]", 1)
+    assert lib.pylb_flow_cache_lookup_burst(cache.handle, keys, ids, ffi.NULL, 1, 0, out,
+                                            mask) == lib.PYLB_EINVAL
+    assert lib.pylb_flow_cache_lookup_burst(cache.handle, keys, ids, ffi.NULL, 65, 0, out,
+                                            mask) == lib.PYLB_EINVAL
+
+
 # ------------------------------------------------------------------ aging
 
 @pytest.mark.parametrize("tclass", list(TimeoutClass))
@@ -147,6 +213,17 @@ def test_times_wrap_modulo_2_32(cache):
     assert cache.lookup(key(1), fid(1), now_ms=200) == 7  # 500 ms later
     assert cache.count(1199) == 1
     assert cache.count(1200) == 0
+
+
+def test_a_hit_within_the_refresh_slack_leaves_last_seen():
+    """A hit writes last_seen only when it is 1/256 of the timeout old or more
+    (docs/flow-cache.md): a flow then expires at most that much early."""
+    with FlowCache(64, Timeouts(tcp=25_600, tcp_closing=100, udp=500, other=200)) as c:
+        c.insert(key(1), fid(1), 7, now_ms=0)
+        assert c.lookup(key(1), fid(1), now_ms=99) == 7   # 99 ms < 100 ms of slack
+        assert c.count(25_599) == 1 and c.count(25_600) == 0
+        assert c.lookup(key(1), fid(1), now_ms=100) == 7  # now it is written
+        assert c.count(25_699) == 1 and c.count(25_700) == 0
 
 
 @pytest.mark.parametrize("tclass,flags,closing", [

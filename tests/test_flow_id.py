@@ -113,6 +113,72 @@ def test_bucket_is_the_id_modulo_the_table_size():
         assert bucket(flow, 65537) == flow % 65537 == lib.pylb_bucket(flow, 65537)
 
 
+# The fast path's bucket (a multiply by a per-table constant, no division)
+# against Python's %: table sizes from 1 to 2**32 - 1, primes among them, and
+# flow ids at every edge a fixed-point reduction can get wrong.
+_SIZES = [1, 2, 3, 7, 251, 65521, 65537, 131071, 999983, 2**31 - 1, 2**31, 2**32 - 5, 2**32 - 1]
+
+
+def _edge_ids(m: int) -> list[int]:
+    top = 2**64 - 1
+    ids = [0, 1, m - 1, m, m + 1, top, top - 1, top - m, 2**63, 2**63 - 1, 2**32, 2**32 - 1]
+    ids += [k * m + r for k in (1, 2, top // m - 1, top // m) for r in (0, 1, m - 1) if
+            k * m + r <= top]
+    return [i for i in ids if 0 <= i <= top]
+
+
+@pytest.mark.parametrize("m", _SIZES)
+def test_fast_bucket_equals_the_modulo(m):
+    from pylb._ffi import check, ffi, lib
+
+    rng = random.Random(m)
+    ids = _edge_ids(m) + [rng.getrandbits(64) for _ in range(20_000)] \
+        + [rng.getrandbits(rng.randrange(1, 64)) for _ in range(5_000)]
+    c_ids = ffi.new("uint64_t[]", ids)
+    out = ffi.new("uint32_t[]", len(ids))
+    check(lib.pylb_bucket_burst(c_ids, len(ids), m, out), "bucket burst")
+    assert list(out) == [bucket(i, m) for i in ids] == [i % m for i in ids]
+
+
+@given(st.integers(0, 2**64 - 1), st.integers(1, 2**32 - 1))
+def test_fast_bucket_equals_the_modulo_anywhere(flow, m):
+    from pylb._ffi import ffi, lib
+
+    out = ffi.new("uint32_t[]", 1)
+    assert lib.pylb_bucket_burst(ffi.new("uint64_t[]", [flow]), 1, m, out) == 0
+    assert out[0] == flow % m
+
+
+def test_fast_bucket_refuses_a_zero_table():
+    from pylb._ffi import ffi, lib
+
+    out = ffi.new("uint32_t[]", 1)
+    assert lib.pylb_bucket_burst(ffi.new("uint64_t[]", [5]), 1, 0, out) == lib.PYLB_EINVAL
+
+
+def test_the_dataplane_buckets_as_the_reference():
+    """pylb_dataplane_classify takes the fast path's bucket: it must be the
+    reference's, flow id mod table size."""
+    from pylb import config as config_mod
+    from pylb.dataplane import Dataplane
+
+    cfg = config_mod.parse({
+        "balancer": {"name": "t", "data": {"device": "ring:t", "address_v4": "203.0.113.1"}},
+        "vips": [{"name": "web", "address": "192.0.2.10", "protocol": "tcp", "port": 80,
+                  "table_size": 65521, "backends": [{"name": "a", "address": "203.0.113.10"}]}],
+    }, "test")
+    dp = Dataplane(cfg, 1)
+    try:
+        rng = random.Random(5)
+        for _ in range(2000):
+            key = FlowKey(ipaddress.IPv4Address(rng.getrandbits(32)), "192.0.2.10",
+                          rng.getrandbits(16), 80, 6)
+            c = dp.classify(key)
+            assert c.bucket == bucket(flow_id(key, cfg.balancer.flow_seed), 65521)
+    finally:
+        dp.close()
+
+
 # --------------------------------------------------------------- mixing quality
 
 FLOWS, PRIME = 100_000, 1021

@@ -1,239 +1,322 @@
 /*
- * pylb_rate - the native packet-rate runner.
+ * pylb_rate - the native packet-rate runner (bench/README.md).
  *
- * A recycling source feeds 64-byte TCP frames of N distinct flows into a
- * ring: test port and takes back what the port transmitted, on the same
- * core. Two modes share that harness so their ratio is meaningful:
- *   io  rx burst -> tx burst, no processing: the limit of this harness
- *   lb  the worker's fast path (cache hit, Maglev, encapsulation)
- * Prints one JSON line. Usage:
- *   pylb_rate [--mode io|lb] [--flows N] [--seconds S] [--encap ipip|vxlan] [-- EAL args]
+ * Modes, each printing one JSON object:
+ *   fastpath  the hit path (cache hit, encapsulation) for each --encap, in
+ *             slices interleaved with io-forward through the same harness
+ *             (rx burst -> tx burst, no processing: the harness's limit).
+ *             --workers 2: one lane per lcore sharing one flow cache; the
+ *             slices then alternate io (2 lanes), the hit path on 1 lane and
+ *             on 2 lanes, so the scaling is read from one run.
+ *   syn       new flows on the SYN path: every packet a TCP SYN of a flow the
+ *             cache does not hold, with state notices off (stable buckets)
+ *             and on (every bucket moved: each new flow is cached and a
+ *             notice for its owner is handed up), interleaved with io.
+ *   swap      table swap under load (swap.c).
+ *   lookup    the flow cache alone: single lookups against bursts (lookup.c).
+ * Usage:
+ *   pylb_rate --mode fastpath [--flows N] [--encap ipip,vxlan] [--workers 1|2]
+ *             [--slices K] [--slice-ms MS] [--capacity C]
+ *   pylb_rate --mode syn [--flows N] [--capacity C] [--slices K] [--slice-ms MS]
+ *   pylb_rate --mode swap [--flows N] [--backends B] [--seconds S] [--swap-ms MS]
+ *   pylb_rate --mode lookup [--flows N] [--slices K] [--slice-ms MS]
+ * EAL arguments are chosen here: hugepages when enough are free, else
+ * --no-huge (the JSON says which).
  */
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <rte_cycles.h>
-#include <rte_ethdev.h>
-#include <rte_mbuf.h>
-#include <rte_ring.h>
-#include "pylb.h"
-#include "port_internal.h"
+#include "bench.h"
+#include "swap.h"
 
-#define IN_FLIGHT 4096
-#define FRAME_LEN 60
 #define BACKENDS 16
+#define MAX_ENCAPS 3
+#define HEADER_BYTES 128
+#define SYN_CAPACITY (1ull << 21)
+#define SYN_WARM_UP (16 * IN_FLIGHT)
 
 struct opts {
-    int io;
-    uint32_t flows;
+    const char *mode;
+    uint64_t flows;
+    uint64_t capacity;
+    uint8_t encaps[MAX_ENCAPS];
+    const char *encap_names[MAX_ENCAPS];
+    uint32_t n_encaps;
+    uint32_t workers;
+    uint32_t slices;
+    double slice_ms;
+    uint32_t backends;
     double seconds;
-    int vxlan;
+    double swap_ms;
 };
 
-static void die(const char *what)
+static void usage(void)
 {
-    fprintf(stderr, "pylb_rate: %s: %s\n", what, pylb_last_error());
-    exit(1);
+    fprintf(stderr, "usage: pylb_rate --mode fastpath|syn|swap|lookup [--flows N] "
+            "[--encap ipip,vxlan] [--workers 1|2] [--slices K] [--slice-ms MS] [--capacity C] [--backends B] "
+            "[--seconds S] [--swap-ms MS]\n");
+    exit(2);
 }
 
-static void v4(struct pylb_ip *ip, uint8_t a, uint8_t b, uint8_t c, uint8_t d)
+static void parse_encaps(struct opts *o, char *list)
 {
-    memset(ip, 0, sizeof(*ip));
-    ip->b[10] = ip->b[11] = 0xff;
-    ip->b[12] = a, ip->b[13] = b, ip->b[14] = c, ip->b[15] = d;
-}
-
-/* Frame for flow i: TCP ACK from 198.18.x.y:port to 192.0.2.10:80. */
-static void write_frame(uint8_t *f, uint32_t i)
-{
-    static const uint8_t head[34] = {
-        2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 0xc1, 0x08, 0x00,
-        0x45, 0, 0, 46, 0, 1, 0x40, 0, 64, 6, 0, 0, 198, 18, 0, 0, 192, 0, 2, 10};
-    memcpy(f, head, sizeof(head));
-    f[28] = (uint8_t)(i >> 16), f[29] = (uint8_t)(i >> 8);
-    uint16_t sport = (uint16_t)(1024 + (i & 0xff) * 251);
-    uint8_t *tcp = f + 34;
-    memset(tcp, 0, FRAME_LEN - 34);
-    tcp[0] = (uint8_t)(sport >> 8), tcp[1] = (uint8_t)sport;
-    tcp[3] = 80;
-    tcp[12] = 5 << 4;
-    tcp[13] = 0x10;
-}
-
-static struct pylb_dataplane *make_dataplane(int vxlan)
-{
-    struct pylb_maglev_backend mb[BACKENDS];
-    struct pylb_dp_backend be[BACKENDS];
-    char names[BACKENDS][16];
-    memset(be, 0, sizeof(be));
-    for (int i = 0; i < BACKENDS; i++) {
-        snprintf(names[i], sizeof(names[i]), "be-%d", i);
-        mb[i].name = names[i];
-        mb[i].weight = 1;
-        v4(&be[i].addr, 203, 0, 113, (uint8_t)(10 + i));
-        be[i].vip = 0;
+    o->n_encaps = 0;
+    for (char *tok = strtok(list, ","); tok; tok = strtok(NULL, ",")) {
+        if (o->n_encaps == MAX_ENCAPS)
+            usage();
+        uint8_t kind = strcmp(tok, "ipip") == 0 ? PYLB_ENCAP_IPIP
+                     : strcmp(tok, "vxlan") == 0 ? PYLB_ENCAP_VXLAN
+                     : strcmp(tok, "gue") == 0 ? PYLB_ENCAP_GUE : 0;
+        if (!kind)
+            usage();
+        o->encaps[o->n_encaps] = kind;
+        o->encap_names[o->n_encaps++] = kind == PYLB_ENCAP_IPIP ? "ipip"
+                                        : kind == PYLB_ENCAP_VXLAN ? "vxlan" : "gue";
     }
-    static uint32_t table[PYLB_TABLE_SIZE_DEFAULT];
-    if (pylb_maglev_build(mb, BACKENDS, PYLB_TABLE_SIZE_DEFAULT, table) != PYLB_OK)
-        die("maglev");
-    struct pylb_dp_vip vip;
-    memset(&vip, 0, sizeof(vip));
-    v4(&vip.addr, 192, 0, 2, 10);
-    vip.proto = 6;
-    vip.port = 80;
-    vip.flags = PYLB_VIP_TRACK_ALL;
-    vip.encap.kind = vxlan ? PYLB_ENCAP_VXLAN : PYLB_ENCAP_IPIP;
-    vip.encap.ttl = 64;
-    vip.encap.udp_dport = 4789;
-    vip.encap.vni = 7;
-    vip.table_size = PYLB_TABLE_SIZE_DEFAULT;
-    vip.current = table;
-    struct pylb_dp_conf conf;
-    memset(&conf, 0, sizeof(conf));
-    conf.generation = 1;
-    conf.flow_seed = 42;
-    v4(&conf.local_v4, 203, 0, 113, 1);
-    conf.has_v4 = 1;
-    v4(&conf.gateway_v4, 203, 0, 113, 254);
-    conf.mtu = 1500;
-    conf.n_backends = BACKENDS;
-    conf.backends = be;
-    conf.n_vips = 1;
-    conf.vips = &vip;
-    struct pylb_dataplane *dp;
-    if (pylb_dataplane_compile(&conf, &dp) != PYLB_OK)
-        die("dataplane");
-    return dp;
 }
 
 static void parse_opts(int argc, char **argv, struct opts *o)
 {
     static const struct option longopts[] = {
         {"mode", required_argument, 0, 'm'}, {"flows", required_argument, 0, 'f'},
-        {"seconds", required_argument, 0, 's'}, {"encap", required_argument, 0, 'e'}, {0}};
-    o->io = 0, o->flows = 100000, o->seconds = 2.0, o->vxlan = 0;
+        {"encap", required_argument, 0, 'e'}, {"workers", required_argument, 0, 'w'},
+        {"slices", required_argument, 0, 'k'}, {"slice-ms", required_argument, 0, 'l'},
+        {"capacity", required_argument, 0, 'c'}, {"backends", required_argument, 0, 'b'},
+        {"seconds", required_argument, 0, 's'}, {"swap-ms", required_argument, 0, 'i'},
+        {0}};
+    static char default_encaps[] = "ipip,vxlan";
+    memset(o, 0, sizeof(*o));
+    o->mode = "fastpath";
+    o->flows = 100000;
+    o->workers = 1;
+    o->slices = 8;
+    o->slice_ms = 100;
+    o->seconds = 1.0;
+    o->swap_ms = 10;
+    parse_encaps(o, default_encaps);
     int c;
     while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
-        if (c == 'm')
-            o->io = strcmp(optarg, "io") == 0;
-        else if (c == 'f')
-            o->flows = (uint32_t)strtoul(optarg, NULL, 10);
-        else if (c == 's')
-            o->seconds = atof(optarg);
-        else if (c == 'e')
-            o->vxlan = strcmp(optarg, "vxlan") == 0;
-        else
-            exit(2);
+        switch (c) {
+        case 'm': o->mode = optarg; break;
+        case 'f': o->flows = strtoull(optarg, NULL, 10); break;
+        case 'e': parse_encaps(o, optarg); break;
+        case 'w': o->workers = (uint32_t)atoi(optarg); break;
+        case 'k': o->slices = (uint32_t)atoi(optarg); break;
+        case 'l': o->slice_ms = atof(optarg); break;
+        case 'c': o->capacity = strtoull(optarg, NULL, 10); break;
+        case 'b': o->backends = (uint32_t)atoi(optarg); break;
+        case 's': o->seconds = atof(optarg); break;
+        case 'i': o->swap_ms = atof(optarg); break;
+        default: usage();
+        }
     }
-    if (o->flows == 0 || o->flows > (1u << 24) || o->seconds <= 0) {
-        fprintf(stderr, "pylb_rate: --flows 1..16777216, --seconds > 0\n");
+    if (o->flows == 0 || o->flows > bench_max_flows() || o->workers < 1 ||
+        o->workers > MAX_LANES || o->slices < 1 || o->slices > MAX_SLICES || o->slice_ms <= 0 ||
+        o->seconds <= 0 || o->swap_ms <= 0 || o->n_encaps == 0) {
+        fprintf(stderr, "pylb_rate: --flows 1..%llu, --workers 1..%d, --slices 1..%d, "
+                "positive times\n", (unsigned long long)bench_max_flows(), MAX_LANES, MAX_SLICES);
         exit(2);
     }
+    /* docs/flow-cache.md: two to four times the flows the cache holds. On the
+     * SYN path flows end within milliseconds, so what it holds is what
+     * arrives in that time, whatever the flow space. */
+    if (o->capacity == 0)
+        o->capacity = strcmp(o->mode, "syn") == 0 && o->flows > SYN_CAPACITY / 2 ? SYN_CAPACITY
+                                                                               : o->flows * 2;
+}
+
+static struct pylb_flow_cache *open_cache(const struct opts *o, uint32_t lanes,
+                                          const uint32_t timeouts[4], int *huge)
+{
+    size_t footprint = pylb_flow_cache_footprint(o->capacity);
+    if (footprint == 0) {
+        fprintf(stderr, "pylb_rate: flow cache capacity %llu out of range\n",
+                (unsigned long long)o->capacity);
+        exit(2);
+    }
+    *huge = bench_eal_start(lanes, footprint / (1 << 20) + 64 * lanes + 320);
+    struct pylb_flow_cache *cache;
+    if (pylb_flow_cache_create(o->capacity, timeouts, &cache) != PYLB_OK)
+        bench_die("flow cache");
+    return cache;
+}
+
+static void print_head(const char *mode, const struct opts *o, struct pylb_flow_cache *cache,
+                       int huge, const struct plan *p)
+{
+    uint64_t capacity = pylb_flow_cache_capacity(cache);
+    size_t footprint = pylb_flow_cache_footprint(capacity);
+    printf("{\"mode\": \"%s\", \"flows\": %llu, \"workers\": %u, \"hugepages\": %s, "
+           "\"slices\": %u, \"slice_ms\": %.1f, "
+           "\"cache\": {\"capacity\": %llu, \"footprint_bytes\": %zu, \"bytes_per_entry\": %.1f, "
+           "\"bytes_per_flow\": %.1f, \"load\": %.3f}, ",
+           mode, (unsigned long long)o->flows, p->n_lanes, huge ? "true" : "false", p->slices,
+           p->slice_s * 1e3, (unsigned long long)capacity, footprint,
+           (double)(footprint - HEADER_BYTES) / (double)capacity,
+           (double)footprint / (double)o->flows, (double)o->flows / (double)capacity);
+}
+
+static void print_steps(const struct plan *p)
+{
+    printf("\"steps\": {");
+    for (uint32_t s = 0; s < p->n_steps; s++) {
+        printf(s ? ", " : "");
+        print_step(&p->steps[s], s ? &p->steps[0] : NULL, p->slices);
+    }
+    printf("}");
+}
+
+static void add_step(struct plan *p, const char *name, enum kind k, struct pylb_dataplane *dp,
+                     uint32_t lanes)
+{
+    struct step *s = &p->steps[p->n_steps++];
+    memset(s, 0, sizeof(*s));
+    s->name = name;
+    s->kind = k;
+    s->dp = dp;
+    s->lanes = lanes;
+}
+
+static struct lane lanes[MAX_LANES];
+
+static void open_lanes(struct plan *p, const struct opts *o, struct pylb_flow_cache *cache,
+                       uint32_t n, uint8_t tcp_flags)
+{
+    p->n_lanes = n;
+    p->slices = o->slices;
+    p->slice_s = o->slice_ms / 1e3;
+    for (uint32_t i = 0; i < n; i++) {
+        lane_open(&lanes[i], i, cache);
+        lane_flows(&lanes[i], i, n, o->flows / n, tcp_flags);
+        p->lanes[i] = &lanes[i];
+    }
+}
+
+static void close_lanes(struct plan *p)
+{
+    plan_quit(p);
+    for (uint32_t i = 0; i < p->n_lanes; i++)
+        lane_close(p->lanes[i]);
+}
+
+/* Every flow once through the worker, so the cache holds them all. */
+static uint64_t warm_up(struct plan *p, struct pylb_dataplane *dp)
+{
+    uint64_t lost = 0;
+    for (uint32_t i = 0; i < p->n_lanes; i++) {
+        lane_set_dp(p->lanes[i], dp);
+        lane_run_packets(p->lanes[i], KIND_WORKER, p->lanes[i]->n_flows + IN_FLIGHT);
+        lost += lane_drain(p->lanes[i], KIND_WORKER);
+    }
+    return lost;
+}
+
+static int run_fastpath(const struct opts *o)
+{
+    static const uint32_t timeouts[4] = {300000, 10000, 30000, 30000};
+    int huge;
+    struct pylb_flow_cache *cache = open_cache(o, o->workers, timeouts, &huge);
+    static uint32_t table[PYLB_TABLE_SIZE_DEFAULT];
+    bench_table(BACKENDS, UINT32_MAX, table);
+    struct pylb_dataplane *dps[MAX_ENCAPS];
+    for (uint32_t e = 0; e < o->n_encaps; e++) {
+        struct dp_spec spec = {.generation = 1, .n_backends = BACKENDS, .encap = o->encaps[e],
+                               .vip_flags = PYLB_VIP_TRACK_ALL, .current = table};
+        dps[e] = bench_dataplane(&spec);
+    }
+    static struct plan p;
+    open_lanes(&p, o, cache, o->workers, TCP_ACK);
+    uint64_t lost = warm_up(&p, dps[0]);
+    char one_worker[32];
+    add_step(&p, "io", KIND_IO, NULL, p.n_lanes);
+    if (p.n_lanes == 1) {
+        for (uint32_t e = 0; e < o->n_encaps; e++)
+            add_step(&p, o->encap_names[e], KIND_WORKER, dps[e], 1);
+    } else {
+        snprintf(one_worker, sizeof(one_worker), "%s_1", o->encap_names[0]);
+        add_step(&p, one_worker, KIND_WORKER, dps[0], 1);
+        add_step(&p, o->encap_names[0], KIND_WORKER, dps[0], p.n_lanes);
+    }
+    plan_run(&p);
+    lost += plan_drain(&p, KIND_WORKER);
+    print_head("fastpath", o, cache, huge, &p);
+    if (p.n_lanes > 1)
+        printf("\"scaling\": %.4f, ", step_ratio(&p.steps[2], &p.steps[1], p.slices));
+    printf("\"lost\": %llu, ", (unsigned long long)lost);
+    print_steps(&p);
+    printf("}\n");
+    close_lanes(&p);
+    for (uint32_t e = 0; e < o->n_encaps; e++)
+        pylb_dataplane_free(dps[e]);
+    pylb_flow_cache_destroy(cache);
+    return 0;
+}
+
+static int run_syn(const struct opts *o)
+{
+    /* Flows end 1 ms after their SYN (4 ms with the coarse clock's ticks):
+     * with a flow space far larger than what arrives in that time, every
+     * packet is the SYN of a flow the cache does not hold, and its insert
+     * finds the set as a busy cache leaves it (ways in use, or expired). */
+    static const uint32_t timeouts[4] = {1, 1, 1, 1};
+    int huge;
+    struct pylb_flow_cache *cache = open_cache(o, 1, timeouts, &huge);
+    static uint32_t table[PYLB_TABLE_SIZE_DEFAULT], moved[PYLB_TABLE_SIZE_DEFAULT];
+    bench_table(BACKENDS, UINT32_MAX, table);
+    /* A previous generation that differs in every bucket: every SYN lands in
+     * a moved bucket, so every new flow's state goes to its owner. */
+    for (uint32_t b = 0; b < PYLB_TABLE_SIZE_DEFAULT; b++)
+        moved[b] = (table[b] + 1) % BACKENDS;
+    struct dp_spec off = {.generation = 1, .n_backends = BACKENDS, .encap = PYLB_ENCAP_IPIP,
+                          .vip_flags = PYLB_VIP_TRACK_ALL, .current = table};
+    struct dp_spec on = off;
+    on.generation = 2;
+    on.previous = moved;
+    struct pylb_dataplane *dp_off = bench_dataplane(&off), *dp_on = bench_dataplane(&on);
+    static struct plan p;
+    open_lanes(&p, o, cache, 1, TCP_SYN);
+    lane_set_dp(&lanes[0], dp_off);
+    lane_run_packets(&lanes[0], KIND_WORKER, SYN_WARM_UP);
+    uint64_t lost = lane_drain(&lanes[0], KIND_WORKER);
+    add_step(&p, "io", KIND_IO, NULL, 1);
+    add_step(&p, "pushes_off", KIND_WORKER, dp_off, 1);
+    add_step(&p, "pushes_on", KIND_WORKER, dp_on, 1);
+    plan_run(&p);
+    lost += plan_drain(&p, KIND_WORKER);
+    print_head("syn", o, cache, huge, &p);
+    printf("\"lost\": %llu, ", (unsigned long long)lost);
+    print_steps(&p);
+    printf("}\n");
+    close_lanes(&p);
+    pylb_dataplane_free(dp_off);
+    pylb_dataplane_free(dp_on);
+    pylb_flow_cache_destroy(cache);
+    return 0;
 }
 
 int main(int argc, char **argv)
 {
     struct opts o;
-    int split = argc;
-    for (int i = 1; i < argc; i++)
-        if (strcmp(argv[i], "--") == 0) {
-            split = i;
-            break;
-        }
-    parse_opts(split, argv, &o);
-    char *defaults[] = {"pylb_rate", "-l", "0", "--in-memory", "--no-pci", "--no-telemetry",
-                        "--log-level=*:warning", "--log-level=lib.eal:error"};
-    char **eal = defaults;
-    int n_eal = 8;
-    if (split < argc) {
-        eal = argv + split;
-        eal[0] = "pylb_rate";
-        n_eal = argc - split;
+    parse_opts(argc, argv, &o);
+    setvbuf(stdout, NULL, _IOFBF, 1 << 16);
+    int rc;
+    if (strcmp(o.mode, "fastpath") == 0) {
+        rc = run_fastpath(&o);
+    } else if (strcmp(o.mode, "syn") == 0) {
+        rc = run_syn(&o);
+    } else if (strcmp(o.mode, "lookup") == 0) {
+        struct lookup_opts lo = {.flows = o.flows, .slices = o.slices, .slice_ms = o.slice_ms};
+        rc = run_lookup(&lo);
+    } else if (strcmp(o.mode, "swap") == 0) {
+        struct swap_opts so = {.flows = o.flows, .backends = o.backends ? o.backends : 1000,
+                               .seconds = o.seconds, .swap_ms = o.swap_ms};
+        rc = run_swap(&so);
+    } else {
+        usage();
+        return 2;
     }
-    if (pylb_eal_init(n_eal, eal) != PYLB_OK)
-        die("EAL");
-    struct pylb_port_conf pc = {.device = "ring:rate0", .rx_queues = 1, .tx_queues = 1,
-                                .mbufs = IN_FLIGHT * 2};
-    struct pylb_port *port;
-    if (pylb_port_open(&pc, &port) != PYLB_OK)
-        die("port");
-    uint32_t timeouts[4] = {300000, 10000, 30000, 30000};
-    struct pylb_flow_cache *cache;
-    struct pylb_neigh *neigh;
-    struct pylb_worker *w = NULL;
-    struct pylb_dataplane *dp = make_dataplane(o.vxlan);
-    struct pylb_ip gw;
-    v4(&gw, 203, 0, 113, 254);
-    const uint8_t gw_mac[6] = {2, 0, 0, 0, 0, 0xfe};
-    if (pylb_flow_cache_create((uint64_t)o.flows * 2, timeouts, &cache) != PYLB_OK)
-        die("flow cache");
-    if (pylb_neigh_create(64, &neigh) != PYLB_OK || pylb_neigh_set_static(neigh, &gw, gw_mac))
-        die("neighbours");
-    struct pylb_worker_conf wc = {.port = port, .cache = cache, .neigh = neigh, .max_held = 4096};
-    if (pylb_worker_create(&wc, &w) != PYLB_OK || pylb_worker_set_dataplane(w, dp, NULL))
-        die("worker");
-
-    struct rte_mbuf *pool[IN_FLIGHT];
-    if (rte_pktmbuf_alloc_bulk(port->pool, pool, IN_FLIGHT) != 0)
-        die("mbufs");
-    uint32_t next_flow = 0, n_free = IN_FLIGHT;
-    struct pylb_punt punts[256];
-    uint64_t done = 0, warm = (uint64_t)o.flows + IN_FLIGHT;
-    uint64_t hz = rte_get_tsc_hz(), start = 0, end = 0;
-    for (;;) {
-        /* Source: give every free mbuf the next flow's frame. */
-        uint32_t k = RTE_MIN(n_free, 8u * PYLB_BURST);
-        for (uint32_t i = 0; i < k; i++) {
-            struct rte_mbuf *m = pool[n_free - 1 - i];
-            m->data_off = RTE_PKTMBUF_HEADROOM;
-            m->data_len = m->pkt_len = FRAME_LEN;
-            write_frame(rte_pktmbuf_mtod(m, uint8_t *), next_flow);
-            next_flow = next_flow + 1 == o.flows ? 0 : next_flow + 1;
-        }
-        n_free -= rte_ring_enqueue_burst(port->rx_ring, (void **)(pool + n_free - k), k, NULL);
-        if (o.io) {
-            struct rte_mbuf *m[PYLB_BURST];
-            for (int b = 0; b < 8; b++) {
-                uint16_t n = rte_eth_rx_burst(port->port_id, 0, m, PYLB_BURST);
-                uint16_t t = rte_eth_tx_burst(port->port_id, 0, m, n);
-                if (t < n)
-                    rte_pktmbuf_free_bulk(m + t, n - t);
-            }
-        } else {
-            uint32_t np;
-            pylb_worker_poll(w, 8, 0, punts, 256, &np);
-        }
-        /* Sink: take back what was sent. */
-        uint32_t got = rte_ring_dequeue_burst(port->tx_ring, (void **)(pool + n_free),
-                                              IN_FLIGHT - n_free, NULL);
-        n_free += got;
-        done += got;
-        if (start == 0 && done >= warm) {
-            start = rte_rdtsc();
-            done = 0;
-        } else if (start && (end = rte_rdtsc()) - start >= (uint64_t)(o.seconds * hz)) {
-            break;
-        }
-        if (got == 0 && n_free < IN_FLIGHT / 2) {
-            fprintf(stderr, "pylb_rate: packets are being lost (check the counters)\n");
-            break;
-        }
-    }
-    double secs = (double)(end - start) / (double)hz;
-    struct pylb_stats st;
-    pylb_worker_stats(w, &st);
-    printf("{\"mode\": \"%s\", \"encap\": \"%s\", \"flows\": %u, \"packets\": %llu, "
-           "\"seconds\": %.3f, \"mpps\": %.3f, \"cache_hits\": %llu, \"drops\": %llu}\n",
-           o.io ? "io" : "lb", o.vxlan ? "vxlan" : "ipip", o.flows, (unsigned long long)done,
-           secs, (double)done / secs / 1e6, (unsigned long long)st.fwd_cache_hit,
-           (unsigned long long)st.drop_total);
-    rte_pktmbuf_free_bulk(pool, n_free);
-    pylb_worker_destroy(w);
-    pylb_dataplane_free(dp);
-    pylb_neigh_destroy(neigh);
-    pylb_flow_cache_destroy(cache);
-    pylb_port_close(port);
+    fflush(stdout);
     pylb_eal_cleanup();
-    return 0;
+    return rc;
 }
