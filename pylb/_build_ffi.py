@@ -6,6 +6,7 @@ header stays the one description of the C interface.
 from __future__ import annotations
 
 import hashlib
+import os
 import pathlib
 import re
 import sys
@@ -46,7 +47,11 @@ def main() -> None:
     build_dir = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "build").resolve()
     module_dir = pathlib.Path(sys.argv[2]).resolve() if len(sys.argv) > 2 else ROOT / "pylb"
     ffi = make_ffi(build_dir)
-    ffi.compile(tmpdir=str(build_dir / "cffi"), target=str(module_dir / "_native.so"), verbose=False)
+    # Built beside and renamed into place: a process that has the module
+    # loaded keeps its copy, and none ever sees a half-written file.
+    partial = module_dir / f"_native.{os.getpid()}.partial.so"
+    ffi.compile(tmpdir=str(build_dir / "cffi"), target=str(partial), verbose=False)
+    os.replace(partial, module_dir / "_native.so")
 
 
 if __name__ == "__main__":

@@ -94,14 +94,16 @@ class Balancer:
                                     pci=pci, extra=b.dpdk.eal_args)
             self.eal = eal_mod.Eal(args)
             self._closers.append(self.eal.close)
-        self.port = Port(b.data.device, rx_desc=b.data.rx_desc, tx_desc=b.data.tx_desc,
-                         mbufs=b.data.mbufs, promiscuous=b.data.promiscuous)
-        self._closers.append(self.port.close)
+        # The TAP first: closed after the data port, whose TX may still hold
+        # mbufs of the TAP's pool (kernel to wire) until it stops.
         self.exception_port = None
         if b.data.exception.policy == "tap":
             name = b.data.exception.tap_name
             self.exception_port = Port(f"net_tap_{name},iface={name}", mbufs=2047)
             self._closers.append(self.exception_port.close)
+        self.port = Port(b.data.device, rx_desc=b.data.rx_desc, tx_desc=b.data.tx_desc,
+                         mbufs=b.data.mbufs, promiscuous=b.data.promiscuous)
+        self._closers.append(self.port.close)
         t = b.timeouts
         self.cache = FlowCache(b.flow_cache.capacity,
                                Timeouts(*(int(x) for x in t.as_ms())))

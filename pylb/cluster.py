@@ -34,6 +34,8 @@ log = structlog.get_logger("pylb.cluster")
 TCP, UDP = 6, 17
 FIN_RST = 0x05
 AUTHORITATIVE = 1 << 63
+PEER_MTU_MAX = 1968       # IP packet: fits a 2 KB mbuf and af_packet's frames
+MAX_QUEUED = 100_000      # records kept per peer and kind while it cannot be reached
 ETH_FOR = {4: b"\0" * 12 + b"\x08\x00", 6: b"\0" * 12 + b"\x86\xdd"}
 
 
@@ -330,7 +332,15 @@ class ClusterNode:
             return
         handler = {MessageType.STATE_REQUEST: self._on_request,
                    MessageType.STATE_ANSWER: self._on_answer}.get(msg.type, self._on_records)
-        if handler(sender, msg) is False:
+        try:
+            result = handler(sender, msg)
+        except (ValueError, PylbError) as exc:
+            # Authenticated but impossible content (e.g. a key mixing address
+            # families): one datagram must never stop the balancer.
+            self.peer_stats.count("malformed")
+            log.warning("peer message refused", sender=sender, error=str(exc))
+            return
+        if result is False:
             return      # dropped as malformed, and counted so, by the handler
         # Counted last: each datagram counts under exactly one outcome
         # (PeerStats: received == accepted + the drop reasons).
@@ -454,7 +464,9 @@ class ClusterNode:
             self.by_address = {str(a): n for n, a in self.members.items()}
         if now - self._last_push >= c.push_interval_ms / 1000.0:
             self._last_push = now
-            self._flush(MessageType.STATE_PUSH)
+            for kind in (MessageType.STATE_PUSH, MessageType.HANDOFF, MessageType.REFRESH,
+                         MessageType.REMOVE):
+                self._flush(kind)
             self._retry(now)
         if now - self._last_refresh >= c.refresh_interval:
             self._last_refresh = now
@@ -522,16 +534,29 @@ class ClusterNode:
             address = self.members.get(target)
             if address is None:
                 continue
-            for datagram in peer.encode_batches(k, peer.balancer_id(self.name), self.view,
-                                                self._next_seq, records,
-                                                self.lb.config.balancer.data.mtu,
-                                                address.version, self.key):
+            batches = peer.encode_batches(k, peer.balancer_id(self.name), self.view,
+                                          self._next_seq, records, self._peer_mtu(),
+                                          address.version, self.key)
+            per_batch = peer.records_per_message(k, self._peer_mtu(), address.version,
+                                                 self.key is not None)
+            for i, datagram in enumerate(batches):
                 try:
                     self.lb.worker.send_peer(address, datagram)
                     self.counters[f"sent_{k.name.lower()}"] += 1
                 except Exception as exc:
+                    # E.g. a member that has just joined, whose MAC is still
+                    # being resolved: keep what was not sent for the next round
+                    # (bounded), state must not be lost on the way.
                     self.counters["send_failed"] += 1
                     log.debug("peer datagram not sent", target=target, error=str(exc))
+                    rest = records[i * per_batch:][-MAX_QUEUED:]
+                    self._pushes.setdefault((target, k), [])[:0] = rest
+                    break
+
+    def _peer_mtu(self) -> int:
+        """Peer datagrams are built in one mbuf (and af_packet cuts frames near
+        2 KB): whatever the data MTU, they stay within PEER_MTU_MAX."""
+        return min(self.lb.config.balancer.data.mtu, PEER_MTU_MAX)
 
     def _send(self, target: str, kind: MessageType, records, packet_bytes: bytes | None = None):
         # A former member still answers and asks during a transition.

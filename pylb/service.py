@@ -37,14 +37,19 @@ def serve(cfg: Config, config_file: str, duration: float | None, echo,
     # Before the NIC is touched: a second balancer of the same name on this
     # host is a mistake to stop at once.
     claim_socket_path(cfg.balancer.admin_socket)
+    # A reload asked for while the balancer starts is ignored, not fatal.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with Balancer(cfg, previous_config=previous) as lb:
         lb.config_file = os.path.abspath(config_file)
 
+        def reload(b):
+            log.info("SIGHUP: reloading the configuration", file=b.config_file)
+            b.reload()
+
         def on_hup(signum, frame):
-            # The handler runs between two bytecodes of the control loop: it
-            # only queues the reload, which the loop runs between steps.
-            log.info("SIGHUP: reloading the configuration", file=lb.config_file)
-            lb.submit(lambda b: b.reload())
+            # The handler runs between two bytecodes of the control loop, maybe
+            # inside a log call holding its lock: it only queues the reload.
+            lb.submit(reload)
 
         signal.signal(signal.SIGHUP, on_hup)
 

@@ -9,7 +9,7 @@ ROOT=$(pwd)
 say() { printf 'setup: %s\n' "$*"; }
 
 APT_PACKAGES=(libdpdk-dev dpdk pkg-config libpcap-dev cmake gcc make python3 python3-dev python3-venv
-              iproute2 nftables tcpdump)
+              iproute2 procps nftables tcpdump)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -43,7 +43,7 @@ test -f build/libpylb_native.so || { say "native build failed"; exit 1; }
 
 ffi_stamp=build/.ffi-stamp
 ffi_want=$(cat native/pylb.h pylb/_build_ffi.py | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$ffi_stamp" 2>/dev/null)" != "$ffi_want" ] || ! ls pylb/_native.*.so >/dev/null 2>&1; then
+if [ "$(cat "$ffi_stamp" 2>/dev/null)" != "$ffi_want" ] || [ ! -f pylb/_native.so ]; then
   say "building the cffi module"
   .venv/bin/python pylb/_build_ffi.py build
   echo "$ffi_want" > "$ffi_stamp"
