@@ -86,44 +86,49 @@ static const uint8_t *nd_option(const uint8_t *opt, int len, uint8_t type)
     return NULL;
 }
 
-/* Writes a neighbour advertisement for `target` into m, replacing it. */
-static void write_na(struct pylb_worker *w, struct rte_mbuf *m, const struct pylb_ip *target,
-                     const struct pylb_ip *to, const uint8_t to_mac[6], int solicited,
-                     const struct pylb_parsed *pp)
+/* Writes an NS or NA frame into the empty mbuf m: Ethernet (with vlan_tci
+ * when vlan is set), IPv6 with hop limit 255 (RFC 4861 7.1.2: receivers check
+ * it), the ND body for `target`, and our link-layer address option.
+ * Returns 0 when it does not fit. */
+static int write_nd(struct pylb_worker *w, struct rte_mbuf *m, int vlan, uint16_t vlan_tci,
+                    const uint8_t dst_mac[6], const struct pylb_ip *src,
+                    const struct pylb_ip *dst, uint8_t type, uint8_t flags,
+                    const struct pylb_ip *target, uint8_t option)
 {
     const uint16_t body = 4 + 4 + 16 + 8;   /* type..checksum, flags, target, option */
-    /* The answer leaves on the solicitation's VLAN, as an ARP reply does. */
-    const uint16_t l2 = (pp->flags & PYLB_PF_VLAN) ? RTE_ETHER_HDR_LEN + 4 : RTE_ETHER_HDR_LEN;
-    rte_pktmbuf_reset(m);
+    const uint16_t l2 = vlan ? RTE_ETHER_HDR_LEN + 4 : RTE_ETHER_HDR_LEN;
     uint8_t *f = (uint8_t *)rte_pktmbuf_append(m, l2 + 40 + body);
+    if (f == NULL)
+        return 0;
     struct rte_ether_hdr *eth = (struct rte_ether_hdr *)f;
     struct rte_ipv6_hdr *ip6 = (struct rte_ipv6_hdr *)(f + l2);
     uint8_t *icmp = (uint8_t *)(ip6 + 1);
-    memcpy(eth->dst_addr.addr_bytes, to_mac, 6);
+    memcpy(eth->dst_addr.addr_bytes, dst_mac, 6);
     memcpy(eth->src_addr.addr_bytes, w->mac, 6);
-    if (l2 > RTE_ETHER_HDR_LEN) {
-        struct rte_vlan_hdr *vlan = (struct rte_vlan_hdr *)(eth + 1);
+    if (vlan) {
+        struct rte_vlan_hdr *vh = (struct rte_vlan_hdr *)(eth + 1);
         eth->ether_type = rte_cpu_to_be_16(RTE_ETHER_TYPE_VLAN);
-        vlan->vlan_tci = rte_cpu_to_be_16(pp->vlan_tci);
-        vlan->eth_proto = rte_cpu_to_be_16(RTE_ETHER_TYPE_IPV6);
+        vh->vlan_tci = rte_cpu_to_be_16(vlan_tci);
+        vh->eth_proto = rte_cpu_to_be_16(RTE_ETHER_TYPE_IPV6);
     } else {
         eth->ether_type = rte_cpu_to_be_16(RTE_ETHER_TYPE_IPV6);
     }
     ip6->vtc_flow = rte_cpu_to_be_32(6u << 28);
     ip6->payload_len = rte_cpu_to_be_16(body);
     ip6->proto = 58;
-    ip6->hop_limits = 255;      /* RFC 4861 7.1.2: receivers check it */
-    memcpy(ip6->src_addr, target->b, 16);
-    memcpy(ip6->dst_addr, to->b, 16);
+    ip6->hop_limits = 255;
+    memcpy(ip6->src_addr, src->b, 16);
+    memcpy(ip6->dst_addr, dst->b, 16);
     memset(icmp, 0, body);
-    icmp[0] = ND_NA;
-    icmp[4] = (uint8_t)((solicited ? 0x40 : 0) | 0x20);   /* S, O */
+    icmp[0] = type;
+    icmp[4] = flags;
     memcpy(icmp + 8, target->b, 16);
-    icmp[24] = ND_OPT_TARGET_LL;
+    icmp[24] = option;
     icmp[25] = 1;
     memcpy(icmp + 26, w->mac, 6);
     uint16_t ck = rte_ipv6_udptcp_cksum(ip6, icmp);
     memcpy(icmp + 2, &ck, 2);
+    return 1;
 }
 
 int neigh_handle_nd(struct pylb_worker *w, struct rte_mbuf *m, const struct pylb_parsed *pp)
@@ -167,7 +172,16 @@ int neigh_handle_nd(struct pylb_worker *w, struct rte_mbuf *m, const struct pylb
         neigh_learn(w->neigh, &from, ll, 0);
         memcpy(to_mac, ll, 6);
     }
-    write_na(w, m, &target, &from, to_mac, !pylb_ip_is_zero(&pp->key.src), pp);
+    /* The answer leaves on the solicitation's VLAN, as an ARP reply does. */
+    uint8_t flags = (uint8_t)((pylb_ip_is_zero(&pp->key.src) ? 0 : 0x40) | 0x20);   /* S, O */
+    int vlan = (pp->flags & PYLB_PF_VLAN) != 0;
+    uint16_t tci = pp->vlan_tci;
+    rte_pktmbuf_reset(m);
+    if (!write_nd(w, m, vlan, tci, to_mac, &target, &from, ND_NA, flags, &target,
+                  ND_OPT_TARGET_LL)) {
+        drop(w, &w->st.drop_icmp, m);
+        return 1;
+    }
     w->st.nd_replied++;
     worker_tx(w, m);
     return 1;
@@ -209,35 +223,15 @@ static struct rte_mbuf *neighbour_solicitation(struct pylb_worker *w, const stru
     struct rte_mbuf *m = rte_pktmbuf_alloc(w->port->pool);
     if (m == NULL)
         return NULL;
-    const uint16_t body = 4 + 4 + 16 + 8;
-    uint8_t *f = (uint8_t *)rte_pktmbuf_append(m, RTE_ETHER_HDR_LEN + 40 + body);
-    if (f == NULL) {
+    /* Solicited-node multicast: ff02::1:ffXX:XXXX and 33:33:ff:XX:XX:XX. */
+    const struct pylb_ip mc_ip = {{0xff, 0x02, [11] = 1, [12] = 0xff, ip->b[13], ip->b[14],
+                                   ip->b[15]}};
+    const uint8_t mc_mac[6] = {0x33, 0x33, 0xff, ip->b[13], ip->b[14], ip->b[15]};
+    if (!write_nd(w, m, 0, 0, mc_mac, &w->dp->local_v6, &mc_ip, ND_NS, 0, ip,
+                  ND_OPT_SOURCE_LL)) {
         rte_pktmbuf_free(m);
         return NULL;
     }
-    struct rte_ether_hdr *eth = (struct rte_ether_hdr *)f;
-    struct rte_ipv6_hdr *ip6 = (struct rte_ipv6_hdr *)(eth + 1);
-    uint8_t *icmp = (uint8_t *)(ip6 + 1);
-    /* Solicited-node multicast: ff02::1:ffXX:XXXX and 33:33:ff:XX:XX:XX. */
-    uint8_t mc_ip[16] = {0xff, 0x02, [11] = 1, [12] = 0xff, ip->b[13], ip->b[14], ip->b[15]};
-    const uint8_t mc_mac[6] = {0x33, 0x33, 0xff, ip->b[13], ip->b[14], ip->b[15]};
-    memcpy(eth->dst_addr.addr_bytes, mc_mac, 6);
-    memcpy(eth->src_addr.addr_bytes, w->mac, 6);
-    eth->ether_type = rte_cpu_to_be_16(RTE_ETHER_TYPE_IPV6);
-    ip6->vtc_flow = rte_cpu_to_be_32(6u << 28);
-    ip6->payload_len = rte_cpu_to_be_16(body);
-    ip6->proto = 58;
-    ip6->hop_limits = 255;
-    memcpy(ip6->src_addr, w->dp->local_v6.b, 16);
-    memcpy(ip6->dst_addr, mc_ip, 16);
-    memset(icmp, 0, body);
-    icmp[0] = ND_NS;
-    memcpy(icmp + 8, ip->b, 16);
-    icmp[24] = ND_OPT_SOURCE_LL;
-    icmp[25] = 1;
-    memcpy(icmp + 26, w->mac, 6);
-    uint16_t ck = rte_ipv6_udptcp_cksum(ip6, icmp);
-    memcpy(icmp + 2, &ck, 2);
     return m;
 }
 
