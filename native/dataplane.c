@@ -49,6 +49,12 @@ int32_t dp_find_vip_any_port(const struct pylb_dataplane *dp, const struct pylb_
     return v;
 }
 
+/* 64-bit words of a stateful bitmap. */
+static size_t bitmap_words(uint32_t table_size)
+{
+    return ((size_t)table_size + 63) / 64;
+}
+
 static int check_conf(const struct pylb_dp_conf *c)
 {
     if (c->n_vips > PYLB_MAX_VIPS)
@@ -59,6 +65,9 @@ static int check_conf(const struct pylb_dp_conf *c)
         const struct pylb_dp_vip *v = &c->vips[i];
         if (v->table_size == 0 || v->current == NULL)
             return pylb_fail(PYLB_EINVAL, "VIP %u: no destination table", i);
+        if ((v->previous == NULL) != (v->stateful == NULL))
+            return pylb_fail(PYLB_EINVAL, "VIP %u: previous table and stateful buckets "
+                             "come together", i);
         if (v->proto != 6 && v->proto != 17)
             return pylb_fail(PYLB_EINVAL, "VIP %u: protocol %u is not TCP or UDP", i, v->proto);
         for (uint32_t b = 0; b < v->table_size; b++) {
@@ -111,7 +120,8 @@ PYLB_API int pylb_dataplane_compile(const struct pylb_dp_conf *c, struct pylb_da
         mask <<= 1;
     size_t words = 0;
     for (uint32_t i = 0; i < c->n_vips; i++)
-        words += (size_t)c->vips[i].table_size * (c->vips[i].previous ? 2 : 1);
+        words += (size_t)c->vips[i].table_size * (c->vips[i].previous ? 2 : 1) +
+                 (c->vips[i].stateful ? 2 * bitmap_words(c->vips[i].table_size) + 1 : 0);
     size_t size = sizeof(struct pylb_dataplane) + c->n_vips * sizeof(struct dp_vip) +
                   c->n_backends * sizeof(struct dp_backend) + mask * sizeof(int32_t) +
                   words * sizeof(uint32_t) + 64;
@@ -154,6 +164,13 @@ PYLB_API int pylb_dataplane_compile(const struct pylb_dp_conf *c, struct pylb_da
             v->previous = tables;
             memcpy(tables, in->previous, in->table_size * sizeof(uint32_t));
             tables += in->table_size;
+            /* 64-bit words: start at the next 8-byte boundary. */
+            tables += (uintptr_t)tables & 7 ? 1 : 0;
+            v->stateful = (uint64_t *)tables;
+            for (uint32_t b = 0; b < in->table_size; b++)
+                if (in->stateful[b])
+                    v->stateful[b >> 6] |= 1ull << (b & 63);
+            tables += 2 * bitmap_words(in->table_size);
         }
         uint32_t slot = vip_hash(&v->addr, v->proto, v->port) & dp->index_mask;
         while (dp->index[slot] >= 0)
@@ -177,7 +194,7 @@ PYLB_API uint64_t pylb_dataplane_generation(const struct pylb_dataplane *dp)
 
 PYLB_API int pylb_dataplane_classify(const struct pylb_dataplane *dp, const struct pylb_flow_key *key,
                                      int32_t *vip, uint64_t *flow_id, uint32_t *bucket,
-                                     uint32_t *current, uint32_t *previous)
+                                     uint32_t *current, uint32_t *previous, uint8_t *stateful)
 {
     if (dp == NULL || key == NULL)
         return pylb_fail(PYLB_EINVAL, "classify: NULL argument");
@@ -185,11 +202,33 @@ PYLB_API int pylb_dataplane_classify(const struct pylb_dataplane *dp, const stru
     *vip = dp_find_vip(dp, &key->dst, key->proto, key->dport);
     *bucket = 0;
     *current = *previous = PYLB_NO_BACKEND;
+    *stateful = 0;
     if (*vip < 0)
         return PYLB_OK;
     const struct dp_vip *v = &dp->vips[*vip];
     *bucket = pylb_bucket_fast(*flow_id, v->table_size, v->bucket_magic);
     *current = v->current[*bucket];
-    *previous = v->previous ? v->previous[*bucket] : *current;
+    *stateful = (uint8_t)dp_stateful(v, *bucket);
+    *previous = *stateful ? v->previous[*bucket] : *current;
     return PYLB_OK;
+}
+
+PYLB_API uint32_t pylb_dataplane_keep_divergent(const struct pylb_dataplane *dp,
+                                                struct pylb_cache_entry *e, uint32_t n)
+{
+    uint32_t kept = 0;
+    for (uint32_t i = 0; dp != NULL && e != NULL && i < n; i++) {
+        int32_t vi = dp_find_vip(dp, &e[i].key.dst, e[i].key.proto, e[i].key.dport);
+        if (vi < 0)
+            continue;
+        const struct dp_vip *v = &dp->vips[vi];
+        uint32_t b = pylb_bucket_fast(e[i].flow_id, v->table_size, v->bucket_magic);
+        if (!dp_stateful(v, b) || v->current[b] == e[i].backend)
+            continue;
+        e[kept] = e[i];
+        e[kept].vip = vi;
+        e[kept].bucket = b;
+        kept++;
+    }
+    return kept;
 }

@@ -24,7 +24,8 @@ struct dp_vip {
     uint16_t port;
     uint32_t table_size;
     uint32_t *current;
-    uint32_t *previous;              /* NULL: no previous generation */
+    uint32_t *previous;              /* NULL: no stateful bucket (pylb.h) */
+    uint64_t *stateful;              /* bit per bucket; NULL with previous */
 };
 
 /* One allocation: header, then vips, backends, tables and the VIP index. */
@@ -52,6 +53,13 @@ int32_t dp_find_vip(const struct pylb_dataplane *dp, const struct pylb_ip *dst, 
  * if there is one, else its first-listed VIP of that protocol. */
 int32_t dp_find_vip_any_port(const struct pylb_dataplane *dp, const struct pylb_ip *dst,
                              uint8_t proto);
+
+/* A bucket a change in force moved: a flow without state here may have
+ * state elsewhere, so only its owner can place it. */
+static inline int dp_stateful(const struct dp_vip *v, uint32_t bucket)
+{
+    return v->stateful != NULL && (v->stateful[bucket >> 6] >> (bucket & 63) & 1);
+}
 
 static inline int dp_is_local(const struct pylb_dataplane *dp, const struct pylb_ip *ip)
 {

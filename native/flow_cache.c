@@ -36,7 +36,9 @@
 #define FC_LOOKUP_ATTEMPTS 8
 
 #define TCP_FIN 0x01
+#define TCP_SYN 0x02
 #define TCP_RST 0x04
+#define TCP_ACK 0x10
 
 /* One flow, one cache line. Layout in docs/flow-cache.md. */
 struct fc_entry {
@@ -399,6 +401,18 @@ static inline enum fc_way fc_try_way(struct pylb_flow_cache *c, struct fc_entry 
     /* Live as in fc_live; an expired copy: a live one may sit in a later way. */
     if (age + FC_SKEW_MS >= timeout + FC_SKEW_MS)
         return FC_NOT_HERE;
+    if (PYLB_UNLIKELY(tclass == PYLB_TO_TCP_CLOSING
+                      && (tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)) {
+        /* A SYN on the 5-tuple of a connection that closed: the client reused
+         * the port for a new connection, which the tables decide, not the old
+         * connection's backend (it may be drained or gone). The entry is freed
+         * so that the miss path decides and caches afresh (docs/flow-cache.md). */
+        if (!fc_claim(e, seq))
+            return FC_CLAIM_LOST;
+        STORE(&e->used, 0);
+        fc_publish(e, seq + 1);
+        return FC_NOT_HERE;
+    }
     uint8_t new_class = tclass == PYLB_TO_TCP && (tcp_flags & (TCP_FIN | TCP_RST))
                             ? PYLB_TO_TCP_CLOSING : tclass;
     /* Write the shared line only for a stamp older than the slack, or a new
@@ -732,4 +746,63 @@ PYLB_API int pylb_flow_cache_peek(struct pylb_flow_cache *c, const struct pylb_f
         }
     }
     return 0;
+}
+
+PYLB_API uint64_t pylb_flow_cache_sets(const struct pylb_flow_cache *c)
+{
+    return c ? c->set_mask + 1 : 0;
+}
+
+/* The export's count is returned as an int. */
+_Static_assert(FC_MAX_CAPACITY <= INT32_MAX, "an export of the whole cache fits an int");
+
+/*
+ * Whole sets only: a set is gathered in full before any of it is copied out,
+ * so the cursor can stop between sets and a chunked scan neither splits nor
+ * repeats one. Reads only: an entry a writer keeps odd past fc_snapshot's
+ * bounded wait is skipped, as the header allows.
+ */
+PYLB_API int pylb_flow_cache_export(struct pylb_flow_cache *c, uint32_t now_ms, uint64_t *cursor,
+                                    struct pylb_cache_entry *out, uint32_t max)
+{
+    if (!c || !cursor || !out)
+        return pylb_fail(PYLB_EINVAL, "flow_cache_export: NULL argument");
+    if (max < PYLB_FLOW_CACHE_WAYS)
+        return pylb_fail(PYLB_EINVAL, "flow_cache_export: room for %u entries, a set needs %d",
+                         max, PYLB_FLOW_CACHE_WAYS);
+    uint64_t n_sets = c->set_mask + 1, set_no = *cursor;
+    /* Past the end is a caller's bug that a loop "until cursor == sets"
+     * would never leave. */
+    if (set_no > n_sets)
+        return pylb_fail(PYLB_EINVAL, "flow_cache_export: cursor %llu past %llu sets",
+                         (unsigned long long)set_no, (unsigned long long)n_sets);
+    uint32_t copied = 0;
+    for (; set_no < n_sets; set_no++) {
+        struct fc_entry *set = c->entries + set_no * PYLB_FLOW_CACHE_WAYS;
+        struct pylb_cache_entry live[PYLB_FLOW_CACHE_WAYS];
+        uint32_t n = 0;
+        for (int w = 0; w < PYLB_FLOW_CACHE_WAYS; w++) {
+            struct fc_snap s;
+            if (!LOAD(&set[w].used) || !fc_snapshot(set + w, &s) || !s.used
+                || !fc_live(c->hdr, s.last_seen, s.tclass, now_ms))
+                continue;
+            uint32_t age = now_ms - s.last_seen;
+            struct pylb_cache_entry *e = &live[n++];
+            memset(e, 0, sizeof(*e));
+            memcpy(&e->key, s.key, sizeof(e->key));
+            e->flow_id = s.flow_id;
+            e->backend = s.backend;
+            /* A stamp up to the skew ahead is another thread's newer clock
+             * (fc_live): idle for no time, not for almost 2^32 ms. */
+            e->idle_ms = (uint32_t)(age + FC_SKEW_MS) < FC_SKEW_MS ? 0 : age;
+            e->timeout_class = s.tclass;
+            e->vip = -1;
+        }
+        if (n > max - copied)
+            break;
+        memcpy(out + copied, live, n * sizeof(*live));
+        copied += n;
+    }
+    *cursor = set_no;
+    return (int)copied;
 }

@@ -179,7 +179,9 @@ int pylb_flow_cache_set_timeouts(struct pylb_flow_cache *c, const uint32_t timeo
 
 /* Looks up one flow; on a hit writes the backend id, refreshes last-seen
  * (once it is 1/256 of the flow's timeout old: docs/flow-cache.md), and moves
- * TCP to closing on FIN/RST (tcp_flags). Returns 1 hit, 0 miss. */
+ * TCP to closing on FIN/RST (tcp_flags). A SYN without ACK on a closing TCP
+ * flow is a new connection reusing the 5-tuple: the entry is freed and the
+ * lookup misses. Returns 1 hit, 0 miss. */
 int pylb_flow_cache_lookup(struct pylb_flow_cache *c, const struct pylb_flow_key *key,
                            uint64_t flow_id, uint32_t now_ms, uint8_t tcp_flags,
                            uint32_t *backend);
@@ -204,6 +206,30 @@ int pylb_flow_cache_peek(struct pylb_flow_cache *c, const struct pylb_flow_key *
                          uint64_t flow_id, uint32_t now_ms, uint32_t *backend, uint32_t *idle_ms);
 int pylb_flow_cache_remove(struct pylb_flow_cache *c, const struct pylb_flow_key *key,
                            uint64_t flow_id);
+/* A live entry as pylb_flow_cache_export copies it out. vip and bucket are
+ * not the cache's: pylb_dataplane_keep_divergent fills them. */
+struct pylb_cache_entry {
+    struct pylb_flow_key key;
+    uint64_t flow_id;
+    uint32_t backend;
+    uint32_t idle_ms;         /* since last seen */
+    uint8_t timeout_class;    /* enum pylb_timeout_class */
+    uint8_t pad[3];
+    int32_t vip;
+    uint32_t bucket;
+    uint32_t pad2;
+};
+/* Copies the live entries of the sets from *cursor on into out, stopping
+ * before a set whose live entries would not fit in what is left of max
+ * (max >= PYLB_FLOW_CACHE_WAYS), and advances *cursor; *cursor equal to the
+ * number of sets means the scan is over. Entries being written at that
+ * instant may be missed; a flow is never copied twice in one scan unless it
+ * is moved between sets (never: its set is fixed by its flow id). Returns the
+ * number copied, or a status. */
+int pylb_flow_cache_export(struct pylb_flow_cache *c, uint32_t now_ms, uint64_t *cursor,
+                           struct pylb_cache_entry *out, uint32_t max);
+/* Sets in the cache (the end value of an export's cursor). */
+uint64_t pylb_flow_cache_sets(const struct pylb_flow_cache *c);
 /* Frees expired entries in up to max_sets sets, continuing where the last call
  * stopped; returns the number freed. */
 uint64_t pylb_flow_cache_age(struct pylb_flow_cache *c, uint32_t now_ms, uint64_t max_sets);
@@ -270,7 +296,13 @@ struct pylb_dp_vip {
     struct pylb_encap_params encap;  /* kind, ttl, udp_dport, vni, inner_mac used */
     uint32_t table_size;      /* prime */
     const uint32_t *current;  /* table_size backend ids */
-    const uint32_t *previous; /* NULL when there is no previous generation */
+    /* Stateful buckets (docs/state-exchange.md): stateful[b] non-zero when a
+     * change in force moved bucket b, whose flows may then hold state
+     * anywhere; the fast path treats exactly these buckets as moved. previous[b]
+     * is the backend b had before the oldest such change (rule 4 for a flow
+     * nobody has state for). Both NULL when no bucket is stateful. */
+    const uint32_t *previous;
+    const uint8_t *stateful;  /* table_size flags, compiled into a bitmap */
 };
 
 /* Exception path for frames that are not for a VIP or the balancer. */
@@ -302,10 +334,19 @@ int pylb_dataplane_compile(const struct pylb_dp_conf *conf, struct pylb_dataplan
 void pylb_dataplane_free(struct pylb_dataplane *dp);
 uint64_t pylb_dataplane_generation(const struct pylb_dataplane *dp);
 /* The fast path's decision for a key, without a packet: vip index (or -1),
- * flow id, bucket, current and previous backend. For `pylb which` and tests. */
+ * flow id, bucket, current and previous backend (the current one when the
+ * bucket is not stateful), and whether it is stateful. For `pylb which`,
+ * the miss path and tests. */
 int pylb_dataplane_classify(const struct pylb_dataplane *dp, const struct pylb_flow_key *key,
                             int32_t *vip, uint64_t *flow_id, uint32_t *bucket,
-                            uint32_t *current, uint32_t *previous);
+                            uint32_t *current, uint32_t *previous, uint8_t *stateful);
+/* Keeps, in place and in order, the cache entries whose flow lies in a
+ * stateful bucket of its VIP and is cached with a backend other than the
+ * bucket's current one: the flows whose state the owners must hold after a
+ * change (rule 2 for flows older than it). Writes each kept entry's vip and
+ * bucket. Returns the number kept. */
+uint32_t pylb_dataplane_keep_divergent(const struct pylb_dataplane *dp,
+                                       struct pylb_cache_entry *entries, uint32_t n);
 
 /* ------------------------------------------------------------------ neigh */
 

@@ -191,8 +191,8 @@ static int vip_miss(struct pylb_worker *w, struct rte_mbuf *m, const struct pylb
     uint8_t l3 = pp->l3;
     uint32_t bucket = pylb_bucket_fast(flow_id, v->table_size, v->bucket_magic);
     uint32_t cur = v->current[bucket];
-    uint32_t prev = v->previous ? v->previous[bucket] : cur;
-    int moved = cur != prev;
+    int moved = dp_stateful(v, bucket);
+    uint32_t prev = moved ? v->previous[bucket] : cur;
     int is_tcp = pp->l4_proto == 6;
     int syn = is_tcp && (pp->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
     if (moved && !syn) {

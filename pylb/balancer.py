@@ -26,6 +26,7 @@ from pylb.worker import Action, Punt, PuntReason, Verdict, Worker
 log = structlog.get_logger("pylb.balancer")
 PCI_RE = re.compile(r"^([0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]")
 AGE_INTERVAL_S = 1.0
+RETIRE_CHECK_S = 1.0      # how often stateful buckets are looked at for retirement
 SNAPSHOT_INTERVAL_S = 1.0
 
 
@@ -46,14 +47,19 @@ class Balancer:
     """Start with `with Balancer(config) as lb:`; close() stops the worker, frees
     every held mbuf, closes the ports and (if it started it) the EAL."""
 
-    def __init__(self, config: Config, previous_config: Config | None = None):
+    def __init__(self, config: Config,
+                 previous_config: Config | list[Config] | tuple[Config, ...] | None = None):
         """previous_config: the configuration the cluster ran before its last
         change (any member's), for a balancer that starts or joins while that
-        change's previous table generation is in force: its VIPs give the
-        previous tables, its cluster section the former members
-        (docs/state-exchange.md)."""
+        change is in force; or, when several backend changes are in force,
+        every configuration since the one before the oldest, oldest first.
+        Their VIPs give the history of the tables (the stateful buckets), the
+        last one's cluster section the former members (docs/state-exchange.md)."""
         self.config = config
-        self.previous_config = previous_config
+        history = [previous_config] if isinstance(previous_config, Config) \
+            else list(previous_config or ())
+        self.previous_configs = history
+        self.previous_config = history[-1] if history else None
         b = config.balancer
         if b.workers != 1:
             raise ConfigError("balancer.workers: only 1 worker per balancer process is supported "
@@ -117,12 +123,17 @@ class Balancer:
         self._closers.append(self.worker.close)
         self.generation = 1
         self.registry = BackendRegistry()
-        # The cluster's previous VIPs and backends, under this balancer's own settings.
-        first = config.model_copy(update={"vips": self.previous_config.vips}) \
-            if self.previous_config else config
-        self.worker.set_dataplane(Dataplane(first, self.generation, self.registry))
+        # The cluster's previous VIPs and backends, under this balancer's own
+        # settings, replayed in order so that every change in force moves its buckets.
+        generations = [config.model_copy(update={"vips": c.vips})
+                       for c in self.previous_configs] or [config]
+        self.worker.set_dataplane(Dataplane(generations[0], self.generation, self.registry))
+        for older in generations[1:]:
+            self.generation += 1
+            self.worker.set_dataplane(Dataplane(older, self.generation, self.registry,
+                                                previous=self.dataplane))
         self.verdicts_by_reason: dict[str, int] = {}
-        self._changed_at: float | None = None
+        self._last_retire = time.monotonic()
         self.cluster = None
         if config.cluster is not None:
             from pylb.cluster import ClusterNode
@@ -320,10 +331,10 @@ class Balancer:
         dp = Dataplane(config, self.generation, self.registry, previous=self.dataplane)
         self.worker.set_dataplane(dp)
         self.config = config
-        if dp.changed:
-            self._changed_at = time.monotonic()
         if self.cluster is not None:
             self.cluster.apply_config(config)
+            if dp.newly_moved and config.cluster.state_exchange:
+                self.cluster.tables_changed()
         # A backend or peer added by this change is a next hop nobody has
         # asked for yet: ask now, not at the next periodic round, or its
         # first packets are dropped as no_neighbor (seen in the lab).
@@ -452,7 +463,9 @@ class Balancer:
                 "packets": counts[ref.id][0], "bytes": counts[ref.id][1]})
         vips = [{"name": v.name, "address": str(v.address), "protocol": v.protocol,
                  "port": v.port or "all", "encap": v.encap.type, "table_size": v.table_size,
-                 "moved_buckets_in_force": v.name in dp.previous,
+                 "moved_buckets_in_force": v.name in dp.history,
+                 "stateful_buckets": len(dp.history[v.name].stateful) if v.name in dp.history
+                 else 0,
                  "health_check": v.health.type if v.health else None}
                 for v in self.configured.vips]
         mono, cpu = time.monotonic(), time.thread_time()
@@ -525,23 +538,43 @@ class Balancer:
             holders, stored = [self.configured.balancer.name], None
         out.update({
             "bucket": c.bucket, "moved": c.moved, "table_backend": ref(c.current),
-            "previous_backend": ref(c.previous) if c.vip in self.dataplane.previous else None,
+            "previous_backend": ref(c.previous) if c.stateful else None,
             "cached_here": cached, "stored_here": stored, "balancer": self.configured.balancer.name,
             "owner": holders[0], "backup": holders[1] if len(holders) > 1 else None})
         return out
 
-    def retire_previous(self) -> None:
-        """Drops the previous table generation (docs/state-exchange.md): by now
-        every live flow of a moved bucket has state at its owner."""
-        self.generation += 1
-        dp = Dataplane(self.config, self.generation, self.registry, current=self.dataplane.tables)
-        self.worker.set_dataplane(dp)
-        self._changed_at = None
-        if self.cluster is not None:
-            self.cluster.apply_config(self.config)
-        log.info("previous table generation retired", generation=self.generation)
+    def retire_previous(self) -> int:
+        """Retires every stateful bucket that may be retired now, however
+        recent its change (for tests and operators; the balancer does this by
+        itself previous_retire_after after a change). Returns how many."""
+        return self._retire(time.monotonic(), due_after=0.0)
 
-    def _retire_after(self) -> float:
+    def _retire(self, now: float, due_after: float) -> int:
+        """Stops treating as stateful the buckets that moved due_after seconds
+        ago or more and that nobody needs state for any longer
+        (docs/state-exchange.md, "Retirement"): in a cluster with state
+        exchange, those whose owner holds no flow on another backend than the
+        current one; otherwise all of them. Returns how many."""
+        dp = self.dataplane
+        due = {vip: [b for b in h.stateful if now - h.moved_at[b] >= due_after]
+               for vip, h in dp.history.items()}
+        due = {vip: buckets for vip, buckets in due.items() if buckets}
+        if not due:
+            return 0
+        if self.cluster is not None and self.config.cluster.state_exchange:
+            due = self.cluster.retirable(due)
+        n = sum(len(b) for b in due.values())
+        if n:
+            self.generation += 1
+            self.worker.set_dataplane(Dataplane(self.config, self.generation, self.registry,
+                                                previous=dp, current=dp.tables, retire=due))
+            if self.cluster is not None:
+                self.cluster.apply_config(self.config)    # the view's table generation
+            log.info("stateful buckets retired", buckets=n, generation=self.generation,
+                     still_stateful=sum(len(h.stateful) for h in self.dataplane.history.values()))
+        return n
+
+    def retire_after(self) -> float:
         c = self.config.cluster
         if c is not None and c.previous_retire_after is not None:
             return c.previous_retire_after
@@ -584,8 +617,9 @@ class Balancer:
             self.cluster.on_peer_frames(self.worker.peer_recv())
             self.cluster.tick()
         now = time.monotonic()
-        if self._changed_at is not None and now - self._changed_at >= self._retire_after():
-            self.retire_previous()
+        if self.dataplane.history and now - self._last_retire >= RETIRE_CHECK_S:
+            self._last_retire = now
+            self._retire(now, self.retire_after())
         if now - self._last_age >= AGE_INTERVAL_S:
             self._last_age = now
             self.worker.age_cache()

@@ -131,18 +131,20 @@ def which(config_file: str, flow: str, as_json: bool) -> None:
 @main.command()
 @click.option("--config", "config_file", required=True, type=click.Path(dir_okay=False))
 @click.option("--duration", type=float, default=None, help="Stop after this many seconds.")
-@click.option("--previous-config", "previous_file", type=click.Path(dir_okay=False), default=None,
+@click.option("--previous-config", "previous_files", type=click.Path(dir_okay=False),
+              multiple=True,
               help="The cluster's configuration before its last change, for a balancer that "
-                   "joins while that change is in force (docs/state-exchange.md).")
+                   "joins while that change is in force; repeated, oldest first, when several "
+                   "changes are in force (docs/state-exchange.md).")
 @click.pass_context
 def run(ctx: click.Context, config_file: str, duration: float | None,
-        previous_file: str | None) -> None:
+        previous_files: tuple[str, ...]) -> None:
     """Runs a balancer until SIGINT or SIGTERM, then prints a summary.
     SIGHUP reloads the configuration file; the admin API listens on
     balancer.admin.socket (pylb status, flows, backends, reload, drain)."""
     from pylb.service import serve
     cfg = _load(config_file)
-    previous = _load(previous_file) if previous_file else None
+    previous = [_load(f) for f in previous_files]
     _setup_logs(ctx, cfg)
     try:
         serve(cfg, config_file, duration, click.echo, previous=previous,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from pylb import packet, peer
+from pylb._ffi import ffi, lib
 from pylb.dataplane import NO_BACKEND, Classification
 from pylb.errors import Full, PylbError
 from pylb.flow_cache import TimeoutClass, now_ms
@@ -37,6 +38,10 @@ AUTHORITATIVE = 1 << 63
 PEER_MTU_MAX = 1968       # IP packet: fits a 2 KB mbuf and af_packet's frames
 MAX_QUEUED = 100_000      # records kept per peer and kind while it cannot be reached
 ETH_FOR = {4: b"\0" * 12 + b"\x08\x00", 6: b"\0" * 12 + b"\x86\xdd"}
+EXPORT_CHUNK = 1024       # cache entries copied out per call when pushing after a change
+EXPORT_CHUNKS_PER_TICK = 64   # bounds the loop's pause: ~64k entries a round
+CLEAN_REPEATS = 3         # rounds an owner announces a retired bucket (datagrams get lost)
+CLEAN_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -95,6 +100,14 @@ class ClusterNode:
         self._prev_ownership: dict[int, Ownership] = {}
         self._transition_until = 0.0
         self._leaving: list[bytes] = []
+        # After a table change: a scan of the cache for flows to push (None: none running).
+        self._export_cursor: int | None = None
+        self._export_buf = None
+        # Retirement (docs/state-exchange.md): CLEANs heard from owners, by
+        # (vip, bucket) -> when; and what this balancer announces as owner.
+        self._clean_heard: dict[tuple[str, int], float] = {}
+        self._announce: dict[tuple[str, int], int] = {}
+        self._last_clean = time.monotonic()
         before = lb.previous_config.cluster if lb.previous_config else None
         if before is not None:
             # Started into a cluster that ran without this configuration (a
@@ -426,6 +439,9 @@ class ClusterNode:
             self.counters["cache_full"] += 1
 
     def _on_records(self, sender: str, msg) -> None:
+        if msg.type == MessageType.CLEAN:
+            self._on_clean(sender, msg.records)
+            return
         if msg.type == MessageType.REMOVE:
             for r in msg.records:
                 # An ended flow's removal older than the state held changes
@@ -477,6 +493,11 @@ class ClusterNode:
         if now - self._last_expire >= 1.0:
             self._last_expire = now
             self.store.expire()
+        if self._export_cursor is not None:
+            self._export_step()
+        if now - self._last_clean >= CLEAN_INTERVAL_S:
+            self._last_clean = now
+            self._announce_clean(now)
 
     def _retry(self, now: float) -> None:
         base = self.config.request_timeout_ms / 1000.0
@@ -520,6 +541,127 @@ class ClusterNode:
                 self.store.refresh(rec)
             else:
                 self._queue(h, rec, MessageType.REFRESH)
+
+    # ------------------------------------------------------------ table changes
+
+    def tables_changed(self) -> None:
+        """Rule 2 for the flows older than a change: the flows this balancer
+        caches in stateful buckets on another backend than the new current
+        one get their state pushed to owner and backup, so that owners hold
+        the state of every live flow there and the previous table is only a
+        guess for flows nobody has seen. A scan of the cache, in steps."""
+        self._export_cursor = 0
+        self.counters["change_scans"] += 1
+
+    def _export_step(self) -> None:
+        if self._export_buf is None:
+            self._export_buf = ffi.new("struct pylb_cache_entry[]", EXPORT_CHUNK)
+        buf, cache, dp = self._export_buf, self.lb.cache, self.lb.dataplane
+        cursor, end = self._export_cursor, cache.sets
+        for _ in range(EXPORT_CHUNKS_PER_TICK):
+            if cursor >= end:
+                break
+            n, cursor = cache.export_raw(now_ms(), cursor, buf, EXPORT_CHUNK)
+            kept = lib.pylb_dataplane_keep_divergent(dp.handle, buf, n)
+            for i in range(kept):
+                self._push_cached(buf[i], dp)
+        self._export_cursor = cursor if cursor < end else None
+        self._flush(MessageType.STATE_PUSH)
+
+    def _push_cached(self, e, dp) -> None:
+        if e.timeout_class == TimeoutClass.TCP_CLOSING:
+            return      # ended (FIN or RST seen): nobody needs its state
+        kb = bytes(ffi.buffer(ffi.addressof(e, "key"), 40))
+        key = _key_from_bytes(kb)
+        holders = self.holders(self._table_size(dp.vip_names[e.vip]), e.bucket)
+        known = self.exchanged.get(kb)
+        # The balancer that forwards the flow knows its backend first hand.
+        version = known[2] if known else _version(seen_syn=True)
+        rec = StateRecord(kb, dp.backends[e.backend].address, version, e.idle_ms, False)
+        self.exchanged[kb] = (key, e.flow_id, version)
+        for h in holders:
+            if h == self.name:
+                self.store.put(rec)
+            else:
+                self._queue(h, rec, MessageType.STATE_PUSH)
+        self.counters["pushed_after_change"] += 1
+
+    def retirable(self, due: dict[str, list[int]]) -> dict[str, list[int]]:
+        """Of the stateful buckets due for retirement, those nobody needs state
+        for: as owner, the buckets whose flows held here all use the current
+        backend (announced to the others with CLEAN); as anyone else, those
+        whose owner announced it since the bucket last moved here. Nothing
+        while ownership or a post-change push is still moving state."""
+        if self._in_transition() or self._export_cursor is not None:
+            return {}
+        dp = self.lb.dataplane
+        divergent = self._divergent_buckets()
+        out: dict[str, list[int]] = {}
+        for vip, buckets in due.items():
+            own = self.ownership(self._table_size(vip))
+            moved_at = dp.history[vip].moved_at
+            ok = []
+            for b in buckets:
+                if own.owners(b)[0] == self.name:
+                    if b not in divergent.get(vip, ()):
+                        ok.append(b)
+                        self._announce[(vip, b)] = CLEAN_REPEATS
+                elif self._clean_heard.get((vip, b), 0.0) > moved_at[b]:
+                    ok.append(b)
+            if ok:
+                out[vip] = ok
+        for vip, buckets in out.items():
+            for b in buckets:
+                self._clean_heard.pop((vip, b), None)
+        self.counters["buckets_retired"] += sum(len(b) for b in out.values())
+        return out
+
+    def _divergent_buckets(self) -> dict[str, set[int]]:
+        """Stateful buckets where this balancer holds a live flow whose backend
+        is not the current one."""
+        out: dict[str, set[int]] = {}
+        for rec in self.store.records():
+            c = self._classify(_key_from_bytes(rec.key))
+            if c is not None and c.stateful and (c.current is None
+                                                 or c.current.address != rec.backend):
+                out.setdefault(c.vip, set()).add(c.bucket)
+        return out
+
+    def _announce_clean(self, now: float) -> None:
+        """Sends the owner's CLEANs of the last CLEAN_REPEATS rounds to every
+        other member, and forgets CLEANs heard long ago."""
+        if self._announce:
+            records = []
+            vips = {v.name: v for v in self.lb.config.vips}
+            for (vip, b), left in list(self._announce.items()):
+                v = vips.get(vip)
+                if v is not None:
+                    records.append(peer.CleanRecord(v.address, v.protocol_number, v.port or 0,
+                                                    v.table_size, b))
+                if left <= 1:
+                    del self._announce[(vip, b)]
+                else:
+                    self._announce[(vip, b)] = left - 1
+            for member in self.members:
+                if member != self.name:
+                    self._pushes.setdefault((member, MessageType.CLEAN), []).extend(records)
+            self._flush(MessageType.CLEAN)
+        horizon = now - 2 * max(self.lb.retire_after(), CLEAN_INTERVAL_S)
+        for k in [k for k, t in self._clean_heard.items() if t < horizon]:
+            del self._clean_heard[k]
+
+    def _on_clean(self, sender: str, records) -> None:
+        """A CLEAN counts from the bucket's primary owner in this balancer's
+        own view, for a VIP of this configuration, only."""
+        now = time.monotonic()
+        for r in records:
+            vip = self.lb.config.vip_at(r.vip, r.proto, r.port)
+            if vip is None or vip.table_size != r.table_size \
+                    or self.ownership(r.table_size).owners(r.bucket)[0] != sender:
+                self.counters["clean_refused"] += 1
+                continue
+            self._clean_heard[(vip.name, r.bucket)] = now
+            self.counters["clean_heard"] += 1
 
     # ------------------------------------------------------------ sending
 
@@ -587,15 +729,16 @@ class ClusterNode:
         return self.lb.config.find_vip(vip).table_size
 
     def _backend_id(self, vip: str, address, strict: bool = False) -> int | None:
-        """The backend id of (VIP, address); strict: only backends of the VIP's
-        current or previous generation (protocol rule 5)."""
+        """The backend id of (VIP, address); strict: only backends the VIP has
+        had (protocol rule 5)."""
         dp = self.lb.dataplane
         if self._ids_for is not dp:
             self._ids_for = dp
             self._ids = {(r.vip, r.address): r.id for r in dp.backends}
-            self._valid = {(v, r.address) for v in dp.tables for r in dp.backends if r.vip == v
-                           and (r.name in dp.tables[v].names
-                                or (v in dp.previous and r.name in dp.previous[v].names))}
+            # Every backend the VIP has had while this balancer ran: a flow
+            # may predate several changes in force, and a backend that left
+            # keeps its id (BackendRegistry).
+            self._valid = {(r.vip, r.address) for r in dp.backends}
         if strict and (vip, address) not in self._valid:
             return None
         return self._ids.get((vip, address), None if strict else NO_BACKEND)

@@ -345,6 +345,14 @@ class Config(Strict):
                                      "balancer.data.address_v6 is not set")
         return self
 
+    def vip_at(self, address, protocol: int, port: int) -> Vip | None:
+        """The VIP of (address, protocol number, port; 0 = all ports), or None."""
+        for vip in self.vips:
+            if vip.address == address and vip.protocol_number == protocol \
+                    and (vip.port or 0) == port:
+                return vip
+        return None
+
     def find_vip(self, name_or_address: str) -> Vip:
         for vip in self.vips:
             if vip.name == name_or_address or str(vip.address) == name_or_address:

@@ -1,22 +1,30 @@
 """Compiles a configuration into the shim's immutable forwarding block.
 
 Backend ids: every (VIP, backend) pair gets its own id, so per-backend
-counters also sum to per-VIP ones. A VIP's table holds ids. A previous
-generation (rule 3/4 of docs/state-exchange.md) is given as the VIP's older
-backend list and table; backends that left keep an id, marked drained, so
-flows that predate the change can still reach them.
+counters also sum to per-VIP ones. A VIP's table holds ids. Its history
+(docs/state-exchange.md, "Table generations") is the set of *stateful*
+buckets, those a change still in force moved, with each one's previous
+backend (the one before the oldest such change) and when it last moved;
+backends that left keep an id, marked drained, so flows that predate the
+change can still reach them.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
+import re
+import time
 from array import array
 from dataclasses import dataclass
+
+import structlog
 
 from pylb import maglev
 from pylb._ffi import check, ffi, ip_bytes16, ip_to_c, lib
 from pylb.config import Config, Vip
 from pylb.errors import StateError
 
+log = structlog.get_logger("pylb.dataplane")
 NO_BACKEND = 0xFFFFFFFF
 ENCAP_KIND = {"ipip": 1, "vxlan": 2, "gue": 3}
 VIP_ANSWER_ARP = 1
@@ -48,16 +56,34 @@ class VipTables:
 
 
 @dataclass(frozen=True)
+class VipHistory:
+    """A VIP's stateful buckets. flags[b]: 1 where bucket b is stateful;
+    previous[b]: its backend id before the oldest change in force on it;
+    moved_at[b]: monotonic seconds of its last move. Never changed once
+    built: a new generation gets new arrays."""
+
+    flags: bytes
+    previous: array
+    moved_at: array
+
+    @functools.cached_property
+    def stateful(self) -> list[int]:
+        return [m.start() for m in re.finditer(b"\x01", self.flags)]
+
+@dataclass(frozen=True)
 class Classification:
     vip: str | None
     flow_id: int
     bucket: int
     current: BackendRef | None
-    previous: BackendRef | None
+    previous: BackendRef | None   # the current one where the bucket is not stateful
+    stateful: bool = False
 
     @property
     def moved(self) -> bool:
-        return self.current != self.previous
+        """A bucket a change in force moved: its flows may have state (the
+        fast path's "moved", docs/state-exchange.md)."""
+        return self.stateful
 
 
 def _mac_bytes(mac: str) -> bytes:
@@ -90,19 +116,24 @@ class Dataplane:
     Dataplane never set on a worker is freed by close()."""
 
     def __init__(self, config: Config, generation: int, registry: BackendRegistry | None = None,
-                 previous: "Dataplane | None" = None, current: dict[str, VipTables] | None = None):
+                 previous: "Dataplane | None" = None, current: dict[str, VipTables] | None = None,
+                 retire: dict[str, list[int]] | None = None, now: float | None = None):
         """registry: the balancer's backend ids (a fresh one if None). previous:
-        the generation this one replaces; its current tables become this one's
-        previous tables. current: tables built already (else Maglev)."""
+        the generation this one replaces: buckets whose backend differs from
+        its current tables become stateful, and its stateful buckets stay so.
+        current: tables built already (else Maglev). retire: buckets per VIP
+        to stop treating as stateful. now: the monotonic time of the change."""
         self._dp = None
         self.changed = False      # some VIP's current table differs from `previous`'s
         self.config = config
         self.generation = generation
         self.registry = registry if registry is not None else BackendRegistry()
         self.tables: dict[str, VipTables] = {}
-        self.previous: dict[str, VipTables] = {}
-        prior = {(r.vip, r.name): r.address for r in previous.backends} if previous else {}
-        c_tables = []
+        self.ids: dict[str, array] = {}            # current tables as backend ids
+        self.history: dict[str, VipHistory] = {}   # VIPs with stateful buckets
+        self.newly_moved: dict[str, list[int]] = {}  # buckets this change moved
+        now = time.monotonic() if now is None else now
+        keep = []
         vips = ffi.new("struct pylb_dp_vip[]", len(config.vips))
         track_all = config.balancer.flow_cache.track == "all"
         weights: dict[int, int] = {}
@@ -113,22 +144,21 @@ class Dataplane:
             for b in vip.backends:
                 ids[b.name] = self.registry.id_for(vip.name, b.name, b.address)
                 weights[ids[b.name]] = b.weight
+            cur_ids = self.ids[vip.name] = self._ids_table(cur, ids)
             v = vips[i]
-            v.current = self._ids_table(cur, ids, c_tables)
-            prev = None
-            if previous is not None and vip.name in previous.tables:
-                if previous.tables[vip.name] == cur:
-                    # Unchanged: an older generation still in force stays so.
-                    prev = previous.previous.get(vip.name)
-                else:
-                    prev = previous.tables[vip.name]
-                    self.changed = True
-            if prev is not None:
-                self.previous[vip.name] = prev
-                for name in prev.names:
-                    if name not in ids:
-                        ids[name] = self.registry.id_for(vip.name, name, prior[(vip.name, name)])
-                v.previous = self._ids_table(prev, ids, c_tables)
+            v.current = self._c_array("uint32_t[]", cur_ids, keep)
+            history = self._history(vip.name, cur_ids, previous, now)
+            if history is not None and retire and retire.get(vip.name):
+                flags = bytearray(history.flags)
+                for b in retire[vip.name]:
+                    flags[b] = 0
+                history = VipHistory(bytes(flags), history.previous, history.moved_at) \
+                    if any(flags) else None
+            if history is not None:
+                self.history[vip.name] = history
+                v.previous = self._c_array("uint32_t[]", history.previous, keep)
+                v.stateful = ffi.from_buffer("uint8_t[]", history.flags)
+                keep.append(v.stateful)
             ip_to_c(vip.address, v.addr)
             v.proto = vip.protocol_number
             v.port = vip.port or 0
@@ -145,10 +175,43 @@ class Dataplane:
                          for i, (vip, name, address) in enumerate(self.registry.entries)]
         self._compile(config, vips, vip_index)
 
+    def _history(self, vip: str, cur_ids: array, previous: "Dataplane | None",
+                 now: float) -> VipHistory | None:
+        """The VIP's stateful buckets after this change: the ones it moves
+        join those already stateful (keeping their older previous backend)."""
+        if previous is None or vip not in previous.ids:
+            return None
+        old_ids = previous.ids[vip]
+        old = previous.history.get(vip)
+        if len(old_ids) != len(cur_ids):
+            # A new table size rehashes every flow: no bucket maps to an old one.
+            log.warning("table size changed: flows older than the change may move", vip=vip)
+            self.changed = True
+            return None
+        if old_ids == cur_ids:
+            return old
+        self.changed = True
+        moved = [b for b, (x, y) in enumerate(zip(old_ids, cur_ids)) if x != y]
+        self.newly_moved[vip] = moved
+        prev = array("I", old.previous) if old else array("I", old_ids)
+        moved_at = array("d", old.moved_at) if old else array("d", bytes(8 * len(cur_ids)))
+        flags = bytearray(old.flags) if old else bytearray(len(cur_ids))
+        for b in moved:
+            if not flags[b]:
+                prev[b] = old_ids[b]
+                flags[b] = 1
+            moved_at[b] = now
+        return VipHistory(bytes(flags), prev, moved_at)
+
     @staticmethod
-    def _ids_table(tables: VipTables, ids: dict[str, int], keep: list):
-        c = ffi.new("uint32_t[]", [ids[tables.names[t]] if t != NO_BACKEND else NO_BACKEND
-                                   for t in tables.table])
+    def _ids_table(tables: VipTables, ids: dict[str, int]) -> array:
+        return array("I", [ids[tables.names[t]] if t != NO_BACKEND else NO_BACKEND
+                           for t in tables.table])
+
+    @staticmethod
+    def _c_array(ctype: str, values: array, keep: list):
+        c = ffi.new(ctype, len(values))
+        ffi.memmove(c, values, len(values) * values.itemsize)
         keep.append(c)
         return c
 
@@ -206,10 +269,13 @@ class Dataplane:
         bucket = ffi.new("uint32_t *")
         cur = ffi.new("uint32_t *")
         prev = ffi.new("uint32_t *")
-        check(lib.pylb_dataplane_classify(self.handle, k, vip, fid, bucket, cur, prev), "classify")
+        stateful = ffi.new("uint8_t *")
+        check(lib.pylb_dataplane_classify(self.handle, k, vip, fid, bucket, cur, prev, stateful),
+              "classify")
         ref = lambda i: self.backends[i] if i != NO_BACKEND else None  # noqa: E731
         name = self.vip_names[vip[0]] if vip[0] >= 0 else None
-        return Classification(name, fid[0], bucket[0], ref(cur[0]), ref(prev[0]))
+        return Classification(name, fid[0], bucket[0], ref(cur[0]), ref(prev[0]),
+                              bool(stateful[0]))
 
     def close(self) -> None:
         if self._dp is not None and self._owned:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import mmap
+from collections.abc import Iterator
 
 from pylb._ffi import check, ffi, lib
 from pylb.errors import InvalidArgument, StateError
@@ -20,6 +21,7 @@ from pylb.errors import InvalidArgument, StateError
 KEY_SIZE = 40
 WAYS = lib.PYLB_FLOW_CACHE_WAYS
 LOOKUP_BURST_MAX = lib.PYLB_LOOKUP_BURST_MAX
+EXPORT_CHUNK = 4096
 _U32 = 0xFFFFFFFF
 
 
@@ -43,6 +45,17 @@ class Timeouts:
 
     def _to_c(self):
         return ffi.new("uint32_t[4]", [self.tcp, self.tcp_closing, self.udp, self.other])
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheEntry:
+    """A live flow as FlowCache.export copies it out."""
+
+    key: bytes        # 40 bytes, as the FlowCache methods take it
+    flow_id: int
+    backend: int
+    idle_ms: int      # since the flow was last seen
+    timeout_class: TimeoutClass
 
 
 def now_ms() -> int:
@@ -218,3 +231,48 @@ class FlowCache:
     def count(self, now_ms: int) -> int:
         """Live flows (a full scan)."""
         return lib.pylb_flow_cache_count(self._c(), now_ms & _U32)
+
+    @property
+    def sets(self) -> int:
+        """Sets of WAYS flows: the cursor value at which an export is over."""
+        return lib.pylb_flow_cache_sets(self._c())
+
+    def export(self, now_ms: int, chunk: int = EXPORT_CHUNK) -> Iterator[CacheEntry]:
+        """Every flow live at now_ms, scanned `chunk` entries at a time (at least
+        WAYS). Flows written during the scan may be missed; none comes twice."""
+        buf = self._export_buffer(chunk)
+        cursor, end = 0, self.sets
+        while cursor < end:
+            n, cursor = self.export_raw(now_ms, cursor, buf, chunk)
+            yield from (_entry(buf[i]) for i in range(n))
+
+    def export_chunk(self, now_ms: int, cursor: int, max: int) -> tuple[list[CacheEntry], int]:
+        """The live flows of whole sets from set `cursor` on, at most `max`
+        (at least WAYS), and the cursor to continue from (`sets` when done)."""
+        buf = self._export_buffer(max)
+        n, cursor = self.export_raw(now_ms, cursor, buf, max)
+        return [_entry(buf[i]) for i in range(n)], cursor
+
+    def export_raw(self, now_ms: int, cursor: int, buf, max: int) -> tuple[int, int]:
+        """export_chunk into a caller's ffi.new("struct pylb_cache_entry[]", n)
+        array, n >= max, for C code to work on (pylb_dataplane_keep_divergent):
+        (entries written, next cursor). For other pylb modules only."""
+        if max > len(buf):
+            raise InvalidArgument(f"export of {max} entries into a buffer of {len(buf)}")
+        c_cursor = ffi.new("uint64_t *", cursor)
+        n = check(lib.pylb_flow_cache_export(self._c(), now_ms & _U32, c_cursor, buf, max),
+                  "flow cache export")
+        return n, c_cursor[0]
+
+    @staticmethod
+    def _export_buffer(max: int):
+        if max < WAYS:  # before allocating: the shim would refuse it anyway
+            raise InvalidArgument(f"export of {max} entries: a set needs {WAYS}")
+        return ffi.new("struct pylb_cache_entry[]", max)
+
+
+def _entry(c_entry) -> CacheEntry:
+    return CacheEntry(key=bytes(ffi.buffer(ffi.addressof(c_entry, "key"))),
+                      flow_id=c_entry.flow_id, backend=c_entry.backend,
+                      idle_ms=c_entry.idle_ms,
+                      timeout_class=TimeoutClass(c_entry.timeout_class))

@@ -19,7 +19,7 @@ from pylb.stats import DROP_REASONS
 OWNER_REQUESTS = {"sent": "requests_sent", "answered": "answers_cached", "timed_out": "retries",
                   "fallback": "fallback"}
 STATE_SENT = {"push": "sent_state_push", "handoff": "sent_handoff", "refresh": "sent_refresh",
-              "remove": "sent_remove"}
+              "remove": "sent_remove", "clean": "sent_clean"}
 
 
 def _counter(name, doc, labels=(), rows=()):
@@ -85,6 +85,8 @@ class SnapshotCollector:
                        [((v,), pb[0]) for v, pb in per_vip.items()])
         yield _counter("pylb_vip_bytes", "Bytes forwarded per VIP (inner packets).", ["vip"],
                        [((v,), pb[1]) for v, pb in per_vip.items()])
+        yield _gauge("pylb_stateful_buckets", "Buckets a backend change in force moved.",
+                     ["vip"], [((v["name"],), v["stateful_buckets"]) for v in snap["vips"]])
         key = lambda r: (r["vip"], r["backend"])  # noqa: E731
         yield _counter("pylb_backend_packets", "Packets forwarded per backend.",
                        ["vip", "backend"], [(key(r), r["packets"]) for r in rows])
@@ -134,6 +136,11 @@ class SnapshotCollector:
                        ["kind"], [((k,), n.get(v, 0)) for k, v in STATE_SENT.items()])
         yield _counter("pylb_handoff_records", "Flow-state records handed to new holders when "
                        "ownership moved.", rows=[((), n.get("handoff_records", 0))])
+        yield _counter("pylb_state_pushed_after_change", "Flows of moved buckets whose state this "
+                       "balancer pushed to their owners after a backend change.",
+                       rows=[((), n.get("pushed_after_change", 0))])
+        yield _counter("pylb_buckets_retired", "Stateful buckets this balancer retired.",
+                       rows=[((), n.get("buckets_retired", 0))])
         yield _counter("pylb_peer_messages", "Peer messages received, by result.", ["result"],
                        [((k,), v) for k, v in sorted(c["peer"].items())])
         yield _gauge("pylb_state_entries", "Flow-state records held as owner or backup.",

@@ -32,6 +32,7 @@ DEFAULT_PORT = 4800
 HEADER_LEN = 48
 RECORD_LEN = 76
 REMOVE_LEN = 48
+CLEAN_LEN = 28
 MAC_LEN = 16
 # The seed of balancer ids and of the member hash. Fixed by the protocol: every
 # balancer must derive the same id from the same name.
@@ -44,11 +45,15 @@ _MAX_PAYLOAD = 0xFFFF       # payload_len is 16 bits
 _UDP_LEN = 8
 _IP_HEADER_LEN = {4: 20, 6: 40}
 _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
+_VIP_PROTOS = (6, 17)           # TCP, UDP: the protocols a VIP can have
 
 _HEADER = struct.Struct("!IBBHIIIIQHH12s")
 _STATE = struct.Struct("!40s16sQIB7s")
 _REMOVE = struct.Struct("!40sQ")
-assert (_HEADER.size, _STATE.size, _REMOVE.size) == (HEADER_LEN, RECORD_LEN, REMOVE_LEN)
+# The pad byte is a field, not "x": a receiver must see it to refuse it non-zero.
+_CLEAN = struct.Struct("!16sBBHII")
+assert (_HEADER.size, _STATE.size, _REMOVE.size, _CLEAN.size) == \
+    (HEADER_LEN, RECORD_LEN, REMOVE_LEN, CLEAN_LEN)
 
 
 class MessageType(enum.IntEnum):
@@ -58,11 +63,12 @@ class MessageType(enum.IntEnum):
     HANDOFF = 4
     REFRESH = 5
     REMOVE = 6
+    CLEAN = 7
 
 
 # The types encode_batches may split: the others carry one thing each.
 BATCH_TYPES = frozenset({MessageType.STATE_PUSH, MessageType.HANDOFF, MessageType.REFRESH,
-                         MessageType.REMOVE})
+                         MessageType.REMOVE, MessageType.CLEAN})
 
 
 class PeerError(PylbError):
@@ -77,9 +83,9 @@ def _malformed(detail: str) -> PeerError:
     return PeerError("malformed", detail)
 
 
-def _check_range(name: str, value: int, high: int) -> None:
-    if not isinstance(value, int) or not 0 <= value <= high:
-        raise ValueError(f"{name} must be an integer 0..{high}, not {value!r}")
+def _check_range(name: str, value: int, high: int, low: int = 0) -> None:
+    if not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer {low}..{high}, not {value!r}")
 
 
 def balancer_id(name: str) -> int:
@@ -136,6 +142,12 @@ def _address16(raw: bytes) -> IPAddress:
     return ipaddress.IPv6Address(raw)
 
 
+def _record_address(value) -> IPAddress:
+    address = ipaddress.ip_address(value)
+    # The wire cannot tell ::ffff:a.b.c.d from a.b.c.d; both mean the IPv4 address.
+    return getattr(address, "ipv4_mapped", None) or address
+
+
 @dataclasses.dataclass(frozen=True)
 class StateRecord:
     """A flow's state: its backend, and how fresh the sender's knowledge is."""
@@ -148,10 +160,7 @@ class StateRecord:
 
     def __post_init__(self) -> None:
         _check_key(self.key)
-        backend = ipaddress.ip_address(self.backend)
-        # The wire cannot tell ::ffff:a.b.c.d from a.b.c.d; both mean the IPv4 backend.
-        backend = getattr(backend, "ipv4_mapped", None) or backend
-        object.__setattr__(self, "backend", backend)
+        object.__setattr__(self, "backend", _record_address(self.backend))
         _check_range("version", self.version, _U64)
         _check_range("idle_ms", self.idle_ms, _U32)
         object.__setattr__(self, "closing", bool(self.closing))
@@ -169,14 +178,39 @@ class RemoveRecord:
         _check_range("version", self.version, _U64)
 
 
+@dataclasses.dataclass(frozen=True)
+class CleanRecord:
+    """A bucket of a VIP that its primary owner declares retired: changed
+    longer ago than the retirement period, and no live flow in it still needs
+    a backend other than the bucket's current one (docs/peer-protocol.md)."""
+
+    vip: IPAddress
+    proto: int          # 6 or 17
+    port: int           # 0: the all-ports VIP
+    table_size: int     # the VIP's table size, as the sender knows it
+    bucket: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "vip", _record_address(self.vip))
+        if not isinstance(self.proto, int) or self.proto not in _VIP_PROTOS:
+            raise ValueError(f"proto must be 6 (TCP) or 17 (UDP), not {self.proto!r}")
+        _check_range("port", self.port, 0xFFFF)
+        _check_range("table_size", self.table_size, _U32, low=1)
+        _check_range("bucket", self.bucket, self.table_size - 1)
+
+
+_RECORD_CLASS = {MessageType.REMOVE: RemoveRecord, MessageType.CLEAN: CleanRecord}
+_RECORD_LEN = {MessageType.REMOVE: REMOVE_LEN, MessageType.CLEAN: CLEAN_LEN}
+
+
 def _record_class(type_: MessageType) -> type | None:
     if type_ == MessageType.STATE_REQUEST:
         return None
-    return RemoveRecord if type_ == MessageType.REMOVE else StateRecord
+    return _RECORD_CLASS.get(type_, StateRecord)
 
 
 def _record_len(type_: MessageType) -> int:
-    return REMOVE_LEN if type_ == MessageType.REMOVE else RECORD_LEN
+    return _RECORD_LEN.get(type_, RECORD_LEN)
 
 
 def _is_ip_packet(packet: bytes) -> bool:
@@ -226,6 +260,9 @@ def _payload(msg: Message) -> bytes:
         return msg.packet
     if msg.type == MessageType.REMOVE:
         return b"".join(_REMOVE.pack(r.key, r.version) for r in msg.records)
+    if msg.type == MessageType.CLEAN:
+        return b"".join(_CLEAN.pack(_packed16(r.vip), r.proto, 0, r.port, r.table_size, r.bucket)
+                        for r in msg.records)
     return b"".join(_STATE.pack(r.key, _packed16(r.backend), r.version, r.idle_ms,
                                 _RECORD_CLOSING if r.closing else 0, bytes(7))
                     for r in msg.records)
@@ -325,6 +362,12 @@ def _decode_records(type_: MessageType, payload: bytes):
     if type_ == MessageType.REMOVE:
         for key, version in _REMOVE.iter_unpack(payload):
             yield RemoveRecord(key, version)
+        return
+    if type_ == MessageType.CLEAN:
+        for vip, proto, pad, port, table_size, bucket in _CLEAN.iter_unpack(payload):
+            if pad:
+                raise ValueError("non-zero clean record padding")
+            yield CleanRecord(_address16(vip), proto, port, table_size, bucket)
         return
     for key, backend, version, idle_ms, flags, pad in _STATE.iter_unpack(payload):
         if flags & ~_RECORD_CLOSING or any(pad):

@@ -16,7 +16,7 @@ log = structlog.get_logger("pylb.service")
 
 
 def serve(cfg: Config, config_file: str, duration: float | None, echo,
-          previous: Config | None = None,
+          previous: Config | list[Config] | None = None,
           log_override: tuple[str | None, str | None] = (None, None)) -> None:
     """Runs until SIGINT/SIGTERM, `duration`, or the end of a balancer drain;
     then prints the summary with echo."""

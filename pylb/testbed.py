@@ -50,6 +50,7 @@ class Testbed:
         self.index = {name: i for i, name in enumerate(self.names)}
         self.backends = list(backends)
         self.previous_backends: list[str] | None = None
+        self.backend_history: list[list[str]] = []   # every generation before the current
         self.state_exchange = state_exchange
         self.table_size = table_size
         self.key = key
@@ -100,9 +101,11 @@ class Testbed:
         before = [n for n in self.names if n != name]
         if name not in self.names:
             self.names.append(name)
-        # It joins while the last backend change's previous generation is in
-        # force, into a cluster that ran without it.
-        previous = self.config(before[0], self.previous_backends or self.backends, before)
+        # It joins a cluster that ran without it, while every backend change
+        # is in force (nothing retires in a test): it is given each
+        # configuration since the first, oldest first.
+        previous = [self.config(before[0], backends, before)
+                    for backends in self.backend_history or [self.backends]]
         self.lbs[name] = Balancer(self.config(name), previous_config=previous)
         self.alive.add(name)
         if join_router:
@@ -113,6 +116,7 @@ class Testbed:
     def set_backends(self, backends: list[str]) -> None:
         """A backend change applied on every live balancer (as configuration management would)."""
         self.previous_backends = self.backends
+        self.backend_history.append(self.backends)
         self.backends = list(backends)
         for name in self.members_alive():
             self.lbs[name].reconfigure(self.config(name))
@@ -235,7 +239,7 @@ class Testbed:
         """Flows whose bucket changed backend in the last change: the only
         flows that need state anywhere."""
         lb = self.lbs[next(iter(self.alive))]
-        if not lb.dataplane.previous:
+        if not lb.dataplane.history:
             return 0
         n = 0
         for f in flows:

@@ -17,7 +17,8 @@ import zlib
 import pytest
 
 from pylb.errors import Full, InvalidArgument, StateError
-from pylb.flow_cache import FlowCache, TimeoutClass, Timeouts, WAYS, footprint_for
+from pylb.flow_cache import (CacheEntry, FlowCache, TimeoutClass, Timeouts, WAYS,
+                             footprint_for)
 
 TIMEOUTS = Timeouts(tcp=1000, tcp_closing=100, udp=500, other=200)
 TIMEOUT_OF = {TimeoutClass.TCP: 1000, TimeoutClass.TCP_CLOSING: 100,
@@ -242,6 +243,26 @@ def test_fin_or_rst_moves_tcp_to_closing(cache, tclass, flags, closing):
     assert cache.count(short) == (0 if closing else 1)
 
 
+@pytest.mark.parametrize("tclass,flags,kept", [
+    (TimeoutClass.TCP_CLOSING, SYN, False),       # the port reused: a new connection
+    (TimeoutClass.TCP_CLOSING, SYN | ACK, True),  # the old connection's SYN-ACK
+    (TimeoutClass.TCP_CLOSING, ACK, True),        # its last ACK
+    (TimeoutClass.TCP, SYN, True),                # a retransmitted SYN keeps its backend
+    (TimeoutClass.UDP, SYN, True),
+])
+def test_a_syn_on_a_closed_flow_is_a_new_connection(cache, tclass, flags, kept):
+    cache.insert(key(1), fid(1), 7, now_ms=0, timeout_class=tclass)
+    assert cache.lookup(key(1), fid(1), now_ms=10, tcp_flags=flags) == (7 if kept else None)
+    assert cache.count(10) == (1 if kept else 0)
+    # The burst lookup treats it the same way.
+    cache.insert(key(2), fid(2), 8, now_ms=0, timeout_class=tclass)
+    got = cache.lookup_burst([key(2)], [fid(2)], now_ms=10, tcp_flags=[flags])
+    assert got == [8 if kept else None]
+    # Once freed, the flow is cached afresh.
+    cache.insert(key(1), fid(1), 9, now_ms=20)
+    assert cache.lookup(key(1), fid(1), now_ms=20, tcp_flags=ACK) == 9
+
+
 def test_reinsert_restores_the_class(cache):
     cache.insert(key(1), fid(1), 7, now_ms=0)
     cache.lookup(key(1), fid(1), now_ms=0, tcp_flags=FIN)
@@ -306,6 +327,137 @@ def test_full_set_takes_flows_again_after_age(cache):
     assert cache.age(500, max_sets=cache.capacity) == WAYS
     cache.insert(key(99), ids[WAYS], 99, now_ms=500)
     assert cache.lookup(key(99), ids[WAYS], now_ms=500) == 99
+
+
+# ------------------------------------------------------------------ export
+
+def exported(cache: FlowCache, now_ms: int, chunk: int) -> list[CacheEntry]:
+    """export_chunk from cursor 0 to the end, checking each step of the cursor."""
+    entries, cursor, sets = [], 0, cache.sets
+    while cursor < sets:
+        got, after = cache.export_chunk(now_ms, cursor, chunk)
+        assert cursor < after <= sets, "every call moves the cursor on"
+        assert len(got) <= chunk
+        entries += got
+        cursor = after
+    assert cursor == sets
+    return entries
+
+
+def test_export_of_an_empty_cache(cache):
+    assert cache.sets == cache.capacity // WAYS == 8
+    assert list(cache.export(now_ms=0)) == []
+    assert cache.export_chunk(0, 0, WAYS) == ([], cache.sets)
+    assert cache.export_chunk(0, cache.sets, WAYS) == ([], cache.sets)  # over already
+
+
+def mixed_flows(n: int) -> dict[bytes, CacheEntry]:
+    """n flows inserted at times 0..n-1, of all classes, as export at now=999
+    should see them (flows whose timeout ran out by then left out)."""
+    classes = list(TimeoutClass)
+    flows = {}
+    for i in range(n):
+        tclass, seen = classes[i % 4], i % 700
+        if seen + TIMEOUT_OF[tclass] > 999:
+            flows[key(i)] = CacheEntry(key(i), fid(i), 10_000 + i, 999 - seen, tclass)
+    return flows
+
+
+@pytest.mark.parametrize("chunk", [WAYS, WAYS + 3, 64, 4096])
+def test_export_copies_exactly_the_live_flows(chunk):
+    n = 1500
+    with FlowCache(4096, TIMEOUTS) as c:
+        classes = list(TimeoutClass)
+        for i in range(n):
+            c.insert(key(i), fid(i), 10_000 + i, now_ms=i % 700, timeout_class=classes[i % 4])
+        want = mixed_flows(n)
+        assert 0 < len(want) < n and c.count(999) == len(want)
+        got = exported(c, 999, chunk)
+        assert len(got) == len({e.key for e in got}), "a flow exported twice"
+        assert {e.key: e for e in got} == want
+        assert all(isinstance(e.timeout_class, TimeoutClass) for e in got)
+        assert sorted(c.export(999, chunk=chunk), key=lambda e: e.key) == \
+            sorted(got, key=lambda e: e.key)
+
+
+def test_export_never_splits_a_set(cache):
+    """A flow in set 2, then a full set 3: a chunk of WAYS takes set 2 and
+    stops before set 3, which no longer fits whole, and the next call takes it."""
+    ids = same_set_ids(WAYS, cache)
+    for j in range(WAYS):
+        cache.insert(key(j), ids[j], j, now_ms=0)
+    cache.insert(key(100), 2, 100, now_ms=0)
+    first, cursor = cache.export_chunk(0, 0, WAYS)
+    assert [e.backend for e in first] == [100] and cursor == 3
+    second, cursor = cache.export_chunk(0, cursor, WAYS)
+    assert sorted(e.backend for e in second) == list(range(WAYS)) and cursor == cache.sets
+
+
+def test_export_skips_expired_and_removed_flows(cache):
+    cache.insert(key(1), fid(1), 1, now_ms=0, timeout_class=TimeoutClass.UDP)  # until 500
+    cache.insert(key(2), fid(2), 2, now_ms=0, timeout_class=TimeoutClass.TCP)  # until 1000
+    cache.insert(key(3), fid(3), 3, now_ms=0, timeout_class=TimeoutClass.TCP)
+    assert cache.remove(key(3), fid(3))
+    assert sorted(e.backend for e in cache.export(now_ms=499)) == [1, 2]
+    assert [e.backend for e in cache.export(now_ms=500)] == [2]
+    assert [e.backend for e in cache.export(now_ms=1000)] == []
+
+
+@pytest.mark.parametrize("description,inserted,now,idle", [
+    ("seen now", 100, 100, 0),
+    ("seen earlier", 100, 350, 250),
+    ("across the wrap of the clock", 2**32 - 100, 200, 300),
+    ("stamped by a clock slightly ahead", 500, 490, 0),
+])
+def test_export_idle_time(cache, description, inserted, now, idle):
+    cache.insert(key(1), fid(1), 7, now_ms=inserted)
+    assert [e.idle_ms for e in cache.export(now_ms=now)] == [idle], description
+    assert cache.peek(key(1), fid(1), now) == (7, idle)
+
+
+def test_export_raw_fills_the_c_entries(cache):
+    from pylb._ffi import ffi
+    cache.insert(key(1), fid(1), 7, now_ms=0, timeout_class=TimeoutClass.OTHER)
+    buf = ffi.new("struct pylb_cache_entry[]", WAYS)
+    for e in buf:  # what the shim must overwrite
+        e.vip, e.bucket, e.pad2, e.pad = 5, 5, 5, b"\x05\x05\x05"
+    assert cache.export_raw(20, 0, buf, WAYS) == (1, cache.sets)
+    e = buf[0]
+    assert bytes(ffi.buffer(ffi.addressof(e, "key"))) == key(1)
+    assert (e.flow_id, e.backend, e.idle_ms, e.timeout_class) == (fid(1), 7, 20,
+                                                                   TimeoutClass.OTHER)
+    assert (e.vip, e.bucket, e.pad2, bytes(e.pad)) == (-1, 0, 0, bytes(3))
+
+
+@pytest.mark.parametrize("room", [0, 1, WAYS - 1])
+def test_export_needs_room_for_a_set(cache, room):
+    from pylb._ffi import ffi, lib
+    cache.insert(key(1), fid(1), 7, now_ms=0)
+    with pytest.raises(InvalidArgument):
+        cache.export_chunk(0, 0, room)
+    with pytest.raises(InvalidArgument):
+        list(cache.export(0, chunk=room))
+    # The shim itself refuses, and leaves the cursor alone.
+    buf = ffi.new("struct pylb_cache_entry[]", WAYS)
+    with pytest.raises(InvalidArgument):
+        cache.export_raw(0, 0, buf, room)
+    cursor = ffi.new("uint64_t *", 0)
+    assert lib.pylb_flow_cache_export(cache.handle, 0, cursor, buf, room) == lib.PYLB_EINVAL
+    assert cursor[0] == 0
+
+
+def test_export_refuses_a_bad_cursor_or_buffer(cache):
+    from pylb._ffi import ffi, lib
+    buf = ffi.new("struct pylb_cache_entry[]", WAYS)
+    with pytest.raises(InvalidArgument):
+        cache.export_raw(0, cache.sets + 1, buf, WAYS)
+    with pytest.raises(InvalidArgument):
+        cache.export_raw(0, 0, buf, WAYS + 1)   # more than the buffer holds
+    cursor = ffi.new("uint64_t *")
+    assert lib.pylb_flow_cache_export(cache.handle, 0, ffi.NULL, buf, WAYS) == lib.PYLB_EINVAL
+    assert lib.pylb_flow_cache_export(cache.handle, 0, cursor, ffi.NULL, WAYS) == lib.PYLB_EINVAL
+    assert lib.pylb_flow_cache_export(ffi.NULL, 0, cursor, buf, WAYS) == lib.PYLB_EINVAL
+    assert lib.pylb_flow_cache_sets(ffi.NULL) == 0
 
 
 # ------------------------------------------------------------------ arguments and lifecycle

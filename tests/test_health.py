@@ -214,7 +214,9 @@ def checker_config(servers, **health):
 
 @pytest.mark.parametrize("servers", [0.15], indirect=True)
 def test_checks_in_flight_are_bounded(servers):
-    cfg = checker_config(servers, interval=0.2, timeout=0.2, fall=100)
+    # A timeout well above the servers' delay: a check the checker gave up on
+    # would still be in flight at the server, which counts it (a busy machine).
+    cfg = checker_config(servers, interval=1.0, timeout=0.9, fall=100)
     cfg = cfg.model_copy(update={"balancer": cfg.balancer.model_copy(
         update={"health": config_mod.HealthLimits(max_concurrent=2)})})
     checker = HealthChecker(fake_balancer(cfg), report=lambda *a: None)

@@ -138,6 +138,13 @@ def test_leftovers_of_dead_or_reused_pids_go_and_live_runs_stay(topology):
                         f"pl{base36(dead)}_2b", "netns", dead_ns], check=True)
         sleeper = subprocess.Popen(["ip", "netns", "exec", dead_ns, "sleep", "60"],
                                    start_new_session=True)
+        # `ip netns exec` enters the namespace after it starts: on a busy
+        # machine the sweep could otherwise run before the sleeper is in it.
+        deadline = time.monotonic() + 10
+        while str(sleeper.pid) not in subprocess.run(["ip", "netns", "pids", dead_ns],
+                                                     capture_output=True, text=True).stdout.split():
+            assert time.monotonic() < deadline, "the sleeper never entered its namespace"
+            time.sleep(0.01)
         REGISTRY.mkdir(parents=True, exist_ok=True)
         for pid in (dead, reuser.pid):
             (REGISTRY / str(pid)).write_text("1")

@@ -15,9 +15,9 @@ from scapy.layers.inet6 import IPv6
 from pylb import peer
 from pylb.errors import PylbError
 from pylb.flow_id import FlowKey, hash_bytes
-from pylb.peer import (HEADER_LEN, MAC_LEN, RECORD_LEN, REMOVE_LEN, Message, MessageType,
-                       PeerError, RemoveRecord, ReplayWindow, StateRecord, View, decode, encode,
-                       encode_batches, make_version, view_of)
+from pylb.peer import (CLEAN_LEN, HEADER_LEN, MAC_LEN, RECORD_LEN, REMOVE_LEN, CleanRecord,
+                       Message, MessageType, PeerError, RemoveRecord, ReplayWindow, StateRecord,
+                       View, decode, encode, encode_batches, make_version, view_of)
 
 KEY = bytes(range(16))
 OTHER_KEY = bytes(range(1, 17))
@@ -48,6 +48,15 @@ def remove(i: int) -> RemoveRecord:
     return RemoveRecord(state(i, v6=i % 2 == 0).key, make_version(1_700_000_000_000, i % 5))
 
 
+def clean(i: int, v6: bool = False) -> CleanRecord:
+    """A distinct bucket per i, covering both protocols and the all-ports VIP."""
+    vip = ipaddress.ip_address("2001:db8::10" if v6 else "192.0.2.10")
+    return CleanRecord(vip, (6, 17)[i % 2], (80, 0, 443)[i % 3], 65537, i % 65537)
+
+
+RECORD_LENS = {StateRecord: RECORD_LEN, RemoveRecord: REMOVE_LEN, CleanRecord: CLEAN_LEN}
+
+
 MESSAGES = [
     ("request, IPv4 packet", Message(MessageType.STATE_REQUEST, SENDER, VIEW, 1, (), V4_PACKET)),
     ("request, IPv6 packet", Message(MessageType.STATE_REQUEST, SENDER, VIEW, 2, (), V6_PACKET)),
@@ -60,6 +69,13 @@ MESSAGES = [
     ("refresh", Message(MessageType.REFRESH, 0, View(2**32 - 1, 1, 2**32 - 1), 0,
                         (state(3), state(4, v6=True)))),
     ("remove", Message(MessageType.REMOVE, SENDER, VIEW, 6, tuple(remove(i) for i in range(5)))),
+    ("clean, IPv4 VIPs", Message(MessageType.CLEAN, SENDER, VIEW, 7,
+                                 tuple(clean(i) for i in range(6)))),
+    ("clean, IPv6 VIPs", Message(MessageType.CLEAN, SENDER, VIEW, 8,
+                                 tuple(clean(i, v6=True) for i in range(6)))),
+    ("clean, both families", Message(MessageType.CLEAN, SENDER, VIEW, 9,
+                                     (clean(1), clean(2, v6=True)))),
+    ("clean, empty", Message(MessageType.CLEAN, SENDER, VIEW, 10, ())),
 ]
 MESSAGE_IDS = [description for description, _ in MESSAGES]
 
@@ -68,8 +84,7 @@ MESSAGE_IDS = [description for description, _ in MESSAGES]
 @pytest.mark.parametrize("msg", [m for _, m in MESSAGES], ids=MESSAGE_IDS)
 def test_round_trip(msg, key):
     data = encode(msg, key)
-    records_len = sum(REMOVE_LEN if isinstance(r, RemoveRecord) else RECORD_LEN
-                      for r in msg.records)
+    records_len = sum(RECORD_LENS[type(r)] for r in msg.records)
     assert len(data) == HEADER_LEN + len(msg.packet or b"") + records_len + (MAC_LEN if key else 0)
     assert decode(data, key) == msg
 
@@ -96,6 +111,14 @@ REMOVE_HEX = (
     " 20010db8000000000000000000000007 20010db8000000000000000000000010 409c bb01 06 000000"
     " 0123456789ab0004"
 )
+CLEAN_HEX = (
+    "504c4250 01 07 0000 01020304 00000005 aabbccdd 00000007 0000000000000104 0002 0038"
+    " 000000000000000000000000"
+    # VIP ::ffff:192.0.2.10, TCP, pad, port 80, table size 65537, bucket 0x1234
+    " 00000000000000000000ffffc000020a 06 00 0050 00010001 00001234"
+    # VIP 2001:db8::10, UDP, pad, all ports, table size 251, bucket 250
+    " 20010db8000000000000000000000010 11 00 0000 000000fb 000000fa"
+)
 # HMAC-SHA256(bytes(range(16)), header + payload)[:16], computed with the
 # standard library's hmac alone.
 REMOVE_MAC_HEX = "776b20bc5f870f0719c77859016a9b02"
@@ -105,11 +128,15 @@ PUSH = Message(MessageType.STATE_PUSH, SENDER, VIEW, 0x102, (
                 True),))
 REMOVE = Message(MessageType.REMOVE, SENDER, VIEW, 0x103,
                  (RemoveRecord(V6_KEY, make_version(0x0123456789AB, 4)),))
+CLEAN = Message(MessageType.CLEAN, SENDER, VIEW, 0x104,
+                (CleanRecord(ipaddress.ip_address("192.0.2.10"), 6, 80, 65537, 0x1234),
+                 CleanRecord(ipaddress.ip_address("2001:db8::10"), 17, 0, 251, 250)))
 
 WIRE_VECTORS = [
     ("push, one record", PUSH, None, PUSH_HEX),
     ("remove, one record", REMOVE, None, REMOVE_HEX.format(flags="0000")),
     ("remove, keyed", REMOVE, KEY, REMOVE_HEX.format(flags="0001") + REMOVE_MAC_HEX),
+    ("clean, two records", CLEAN, None, CLEAN_HEX),
 ]
 
 
@@ -142,6 +169,11 @@ def header(type_=3, count=1, payload_len=RECORD_LEN, magic=peer.MAGIC, version=1
 
 RECORD = encode(PUSH, None)[HEADER_LEN:]
 REMOVAL = encode(REMOVE, None)[HEADER_LEN:]
+CLEANING = encode(CLEAN, None)[HEADER_LEN:HEADER_LEN + CLEAN_LEN]    # the IPv4 VIP's record
+
+
+def clean_header(count: int = 1) -> bytes:
+    return header(type_=7, count=count, payload_len=count * CLEAN_LEN)
 
 
 def patched(data: bytes, offset: int, value: bytes) -> bytes:
@@ -155,7 +187,7 @@ MALFORMED = [
     ("version 2", header(version=2) + RECORD),
     ("version 0", header(version=0) + RECORD),
     ("type 0", header(type_=0) + RECORD),
-    ("type 7", header(type_=7) + RECORD),
+    ("type 8", header(type_=8) + RECORD),
     ("unknown flag", header(flags=0x0002) + RECORD),
     ("reserved byte set", header(reserved=b"\0" * 11 + b"\1") + RECORD),
     ("payload_len too small", header(payload_len=RECORD_LEN - 1) + RECORD),
@@ -179,6 +211,16 @@ MALFORMED = [
     ("key padding", header() + patched(RECORD, 39, b"\x01")),
     ("removal key padding", header(type_=6, payload_len=REMOVE_LEN)
      + patched(REMOVAL, 37, b"\x01")),
+    ("state record in a clean", header(type_=7) + RECORD),
+    ("clean records in a push", header(payload_len=CLEAN_LEN) + CLEANING),
+    ("clean, bucket = table size",
+     clean_header() + patched(CLEANING, 24, struct.pack("!I", 65537))),
+    ("clean, bucket above table size", clean_header() + patched(CLEANING, 24, b"\xff" * 4)),
+    ("clean, table size 0", clean_header() + patched(CLEANING, 20, bytes(4))),
+    ("clean, proto 1", clean_header() + patched(CLEANING, 16, b"\x01")),
+    ("clean, proto 0", clean_header() + patched(CLEANING, 16, b"\x00")),
+    ("clean, pad byte set", clean_header() + patched(CLEANING, 17, b"\x01")),
+    ("clean, second record bad", clean_header(2) + CLEANING + patched(CLEANING, 17, b"\x80")),
 ]
 
 
@@ -217,7 +259,8 @@ def test_bad_mac(data, key):
 STRUCTURAL = set(range(0, 8)) | set(range(32, HEADER_LEN))
 
 
-@pytest.mark.parametrize("msg", [PUSH, MESSAGES[0][1], REMOVE], ids=["push", "request", "remove"])
+@pytest.mark.parametrize("msg", [PUSH, MESSAGES[0][1], REMOVE, CLEAN],
+                         ids=["push", "request", "remove", "clean"])
 def test_every_bit_flip_in_a_keyed_message_is_refused(msg):
     data = encode(msg, KEY)
     for bit in range(len(data) * 8):
@@ -276,11 +319,12 @@ IP_OVERHEAD = {4: 20 + 8, 6: 40 + 8}
 @pytest.mark.parametrize("type_, records", [
     (MessageType.STATE_PUSH, [state(i, v6=i % 3 == 0) for i in range(1000)]),
     (MessageType.REMOVE, [remove(i) for i in range(1000)]),
-], ids=["push", "remove"])
+    (MessageType.CLEAN, [clean(i, v6=i % 2 == 0) for i in range(1000)]),
+], ids=["push", "remove", "clean"])
 def test_batches_fit_the_mtu_and_lose_nothing(type_, records, mtu, ip_version, key):
     seqs = itertools.count(100)
     batches = encode_batches(type_, SENDER, VIEW, lambda: next(seqs), records, mtu, ip_version, key)
-    record_len = REMOVE_LEN if type_ == MessageType.REMOVE else RECORD_LEN
+    record_len = RECORD_LENS[type(records[0])]
     decoded = [decode(d, key) for d in batches]
     for i, data in enumerate(batches):
         assert IP_OVERHEAD[ip_version] + len(data) <= mtu
@@ -296,6 +340,8 @@ def test_batches_fit_the_mtu_and_lose_nothing(type_, records, mtu, ip_version, k
     (MessageType.STATE_PUSH, 4, False, 18), (MessageType.STATE_PUSH, 4, True, 18),
     (MessageType.STATE_PUSH, 6, False, 18), (MessageType.STATE_PUSH, 6, True, 18),
     (MessageType.REMOVE, 4, True, 29), (MessageType.REMOVE, 6, True, 28),
+    (MessageType.CLEAN, 4, False, 50), (MessageType.CLEAN, 4, True, 50),
+    (MessageType.CLEAN, 6, False, 50), (MessageType.CLEAN, 6, True, 49),
 ])
 def test_records_per_message_at_1500(type_, ip_version, keyed, expected):
     assert peer.records_per_message(type_, 1500, ip_version, keyed) == expected
@@ -328,10 +374,19 @@ INVALID = [
      lambda: Message(MessageType.STATE_ANSWER, SENDER, VIEW, 1, (state(1), state(2)))),
     ("push of removals", lambda: Message(MessageType.STATE_PUSH, SENDER, VIEW, 1, (remove(1),))),
     ("remove of states", lambda: Message(MessageType.REMOVE, SENDER, VIEW, 1, (state(1),))),
+    ("clean of states", lambda: Message(MessageType.CLEAN, SENDER, VIEW, 1, (state(1),))),
+    ("clean of removals", lambda: Message(MessageType.CLEAN, SENDER, VIEW, 1, (remove(1),))),
+    ("clean mixing record classes",
+     lambda: Message(MessageType.CLEAN, SENDER, VIEW, 1, (clean(1), remove(1), clean(2)))),
+    ("push of cleans", lambda: Message(MessageType.STATE_PUSH, SENDER, VIEW, 1, (clean(1),))),
+    ("refresh mixing record classes",
+     lambda: Message(MessageType.REFRESH, SENDER, VIEW, 1, (state(1), clean(1)))),
+    ("clean payload over 65535 bytes",
+     lambda: Message(MessageType.CLEAN, SENDER, VIEW, 1, (clean(1),) * 2341)),
     ("push with a packet", lambda: Message(MessageType.STATE_PUSH, SENDER, VIEW, 1, (), V4_PACKET)),
     ("payload over 65535 bytes",
      lambda: Message(MessageType.STATE_PUSH, SENDER, VIEW, 1, (state(1),) * 863)),
-    ("unknown type", lambda: Message(7, SENDER, VIEW, 1, ())),
+    ("unknown type", lambda: Message(8, SENDER, VIEW, 1, ())),
     ("sender over 32 bits", lambda: Message(MessageType.STATE_PUSH, 2**32, VIEW, 1, ())),
     ("negative seq", lambda: Message(MessageType.STATE_PUSH, SENDER, VIEW, -1, ())),
     ("view field over 32 bits", lambda: View(2**32, 0, 0)),
@@ -341,6 +396,15 @@ INVALID = [
     ("idle over 32 bits",
      lambda: StateRecord(V4_KEY, ipaddress.ip_address("10.0.0.1"), 1, 2**32, False)),
     ("version over 64 bits", lambda: RemoveRecord(V4_KEY, 2**64)),
+    ("clean, VIP not an address", lambda: CleanRecord("192.0.2", 6, 80, 251, 0)),
+    ("clean, proto 1", lambda: CleanRecord("192.0.2.10", 1, 80, 251, 0)),
+    ("clean, proto as a string", lambda: CleanRecord("192.0.2.10", "6", 80, 251, 0)),
+    ("clean, port over 16 bits", lambda: CleanRecord("192.0.2.10", 6, 65536, 251, 0)),
+    ("clean, negative port", lambda: CleanRecord("192.0.2.10", 6, -1, 251, 0)),
+    ("clean, table size 0", lambda: CleanRecord("192.0.2.10", 6, 80, 0, 0)),
+    ("clean, table size over 32 bits", lambda: CleanRecord("192.0.2.10", 6, 80, 2**32, 0)),
+    ("clean, bucket = table size", lambda: CleanRecord("192.0.2.10", 6, 80, 251, 251)),
+    ("clean, negative bucket", lambda: CleanRecord("192.0.2.10", 6, 80, 251, -1)),
     ("creation time into bit 63", lambda: make_version(2**47, 0)),
     ("counter over 16 bits", lambda: make_version(0, 2**16)),
 ]
@@ -454,3 +518,49 @@ def test_peer_stats():
                                    bad_backend=0, stale=3, view_mismatch=1)
     with pytest.raises(ValueError):
         stats.count("bad-mac")
+
+
+@pytest.mark.parametrize("vip, expected", [
+    ("192.0.2.10", ipaddress.IPv4Address("192.0.2.10")),
+    ("::ffff:192.0.2.10", ipaddress.IPv4Address("192.0.2.10")),
+    (ipaddress.IPv6Address("::ffff:192.0.2.10"), ipaddress.IPv4Address("192.0.2.10")),
+    ("2001:db8::10", ipaddress.IPv6Address("2001:db8::10")),
+])
+def test_a_clean_records_vip_is_normalised(vip, expected):
+    # As for backends: the wire cannot tell a v4-mapped VIP from the IPv4 one.
+    assert CleanRecord(vip, 6, 80, 251, 0).vip == expected
+
+
+@pytest.mark.parametrize("table_size, bucket", [(1, 0), (2**32 - 1, 2**32 - 2), (65537, 65536)])
+def test_clean_record_edges_round_trip(table_size, bucket):
+    msg = Message(MessageType.CLEAN, SENDER, VIEW, 1,
+                  (CleanRecord("2001:db8::10", 17, 65535, table_size, bucket),))
+    assert decode(encode(msg, KEY), KEY) == msg
+
+
+def test_clean_batches_at_1500_over_ipv4_with_a_key():
+    records = [clean(i) for i in range(120)]
+    seqs = itertools.count(1)
+    batches = encode_batches(MessageType.CLEAN, SENDER, VIEW, lambda: next(seqs), records, 1500, 4,
+                             KEY)
+    per_message = peer.records_per_message(MessageType.CLEAN, 1500, 4, True)
+    decoded = [decode(d, KEY) for d in batches]
+    assert [len(m.records) for m in decoded] == [per_message, per_message, 120 - 2 * per_message]
+    assert len(batches[0]) == HEADER_LEN + per_message * CLEAN_LEN + MAC_LEN
+    assert IP_OVERHEAD[4] + len(batches[0]) + CLEAN_LEN > 1500     # a full datagram
+    assert [r for m in decoded for r in m.records] == records
+
+
+@st.composite
+def clean_records(draw) -> CleanRecord:
+    table_size = draw(st.integers(1, 2**32 - 1))
+    return CleanRecord(draw(st.ip_addresses()), draw(st.sampled_from([6, 17])),
+                       draw(st.integers(0, 65535)), table_size,
+                       draw(st.integers(0, table_size - 1)))
+
+
+@settings(max_examples=200)
+@given(st.lists(clean_records(), max_size=4), st.sampled_from(KEYS))
+def test_any_valid_clean_records_round_trip(records, key):
+    msg = Message(MessageType.CLEAN, SENDER, VIEW, 9, records)
+    assert decode(encode(msg, key), key) == msg

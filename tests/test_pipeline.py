@@ -377,6 +377,27 @@ def test_reconfigure_keeps_cached_flows_on_their_backend(ring):
         assert after == first and pipe.punts == []
 
 
+def test_a_reused_port_after_close_is_a_new_flow_on_the_current_table(ring):
+    """A client reuses the 5-tuple of a connection that closed (FIN seen)
+    after a backend change: the new connection's SYN is decided by the
+    current table, not by the closed connection's backend (which may be
+    drained or gone), and its next packets follow it."""
+    with Balancer(make_config(ring, BEFORE)) as lb:
+        pipe = Pipeline(lb)
+        flows = _flows(4)
+        first, _ = _send_flows(pipe, flows, "S")
+        lb.reconfigure(make_config(ring, AFTER))
+        c = _classify(lb, flows)
+        closed, moved = _send_flows(pipe, flows, "FA")
+        assert outcomes(moved) == {"fwd_cache_hit": len(flows)} and closed == first
+        reused, moved = _send_flows(pipe, flows, "S")
+        assert outcomes(moved) == {"fwd_new": len(flows)}
+        assert all(reused[f] == _address(c[f].current) for f in flows)
+        assert sum(reused[f] != first[f] for f in flows) > len(flows) // 10
+        after, moved = _send_flows(pipe, flows, "PA")
+        assert outcomes(moved) == {"fwd_cache_hit": len(flows)} and after == reused
+
+
 def test_reconfigure_with_track_moved(ring):
     """Rule 3 and 4 with the standalone policy: an established flow in a moved
     bucket is held, handed up (MOVED) and sent to the previous table's backend,
