@@ -223,9 +223,9 @@ struct pylb_cache_entry {
  * before a set whose live entries would not fit in what is left of max
  * (max >= PYLB_FLOW_CACHE_WAYS), and advances *cursor; *cursor equal to the
  * number of sets means the scan is over. Entries being written at that
- * instant may be missed; a flow is never copied twice in one scan unless it
- * is moved between sets (never: its set is fixed by its flow id). Returns the
- * number copied, or a status. */
+ * instant may be missed; a flow freed and inserted again into a later way of
+ * its set while the set is read may come twice. Returns the number copied,
+ * or a status. */
 int pylb_flow_cache_export(struct pylb_flow_cache *c, uint32_t now_ms, uint64_t *cursor,
                            struct pylb_cache_entry *out, uint32_t max);
 /* Sets in the cache (the end value of an export's cursor). */

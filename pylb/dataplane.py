@@ -124,7 +124,6 @@ class Dataplane:
         current: tables built already (else Maglev). retire: buckets per VIP
         to stop treating as stateful. now: the monotonic time of the change."""
         self._dp = None
-        self.changed = False      # some VIP's current table differs from `previous`'s
         self.config = config
         self.generation = generation
         self.registry = registry if registry is not None else BackendRegistry()
@@ -186,11 +185,9 @@ class Dataplane:
         if len(old_ids) != len(cur_ids):
             # A new table size rehashes every flow: no bucket maps to an old one.
             log.warning("table size changed: flows older than the change may move", vip=vip)
-            self.changed = True
             return None
         if old_ids == cur_ids:
             return old
-        self.changed = True
         moved = [b for b, (x, y) in enumerate(zip(old_ids, cur_ids)) if x != y]
         self.newly_moved[vip] = moved
         prev = array("I", old.previous) if old else array("I", old_ids)

@@ -246,29 +246,31 @@ class FlowCache:
             n, cursor = self.export_raw(now_ms, cursor, buf, chunk)
             yield from (_entry(buf[i]) for i in range(n))
 
-    def export_chunk(self, now_ms: int, cursor: int, max: int) -> tuple[list[CacheEntry], int]:
-        """The live flows of whole sets from set `cursor` on, at most `max`
+    def export_chunk(self, now_ms: int, cursor: int,
+                     max_entries: int) -> tuple[list[CacheEntry], int]:
+        """The live flows of whole sets from set `cursor` on, at most `max_entries`
         (at least WAYS), and the cursor to continue from (`sets` when done)."""
-        buf = self._export_buffer(max)
-        n, cursor = self.export_raw(now_ms, cursor, buf, max)
+        buf = self._export_buffer(max_entries)
+        n, cursor = self.export_raw(now_ms, cursor, buf, max_entries)
         return [_entry(buf[i]) for i in range(n)], cursor
 
-    def export_raw(self, now_ms: int, cursor: int, buf, max: int) -> tuple[int, int]:
+    def export_raw(self, now_ms: int, cursor: int, buf, max_entries: int) -> tuple[int, int]:
         """export_chunk into a caller's ffi.new("struct pylb_cache_entry[]", n)
-        array, n >= max, for C code to work on (pylb_dataplane_keep_divergent):
+        array, n >= max_entries, for C code to work on (pylb_dataplane_keep_divergent):
         (entries written, next cursor). For other pylb modules only."""
-        if max > len(buf):
-            raise InvalidArgument(f"export of {max} entries into a buffer of {len(buf)}")
+        if max_entries > len(buf):
+            raise InvalidArgument(f"export of {max_entries} entries into a buffer of {len(buf)}")
         c_cursor = ffi.new("uint64_t *", cursor)
-        n = check(lib.pylb_flow_cache_export(self._c(), now_ms & _U32, c_cursor, buf, max),
+        n = check(lib.pylb_flow_cache_export(self._c(), now_ms & _U32, c_cursor, buf,
+                                             max_entries),
                   "flow cache export")
         return n, c_cursor[0]
 
     @staticmethod
-    def _export_buffer(max: int):
-        if max < WAYS:  # before allocating: the shim would refuse it anyway
-            raise InvalidArgument(f"export of {max} entries: a set needs {WAYS}")
-        return ffi.new("struct pylb_cache_entry[]", max)
+    def _export_buffer(max_entries: int):
+        if max_entries < WAYS:  # before allocating: the shim would refuse it anyway
+            raise InvalidArgument(f"export of {max_entries} entries: a set needs {WAYS}")
+        return ffi.new("struct pylb_cache_entry[]", max_entries)
 
 
 def _entry(c_entry) -> CacheEntry:

@@ -49,7 +49,6 @@ class Testbed:
         self.names = list(balancers)
         self.index = {name: i for i, name in enumerate(self.names)}
         self.backends = list(backends)
-        self.previous_backends: list[str] | None = None
         self.backend_history: list[list[str]] = []   # every generation before the current
         self.state_exchange = state_exchange
         self.table_size = table_size
@@ -115,7 +114,6 @@ class Testbed:
 
     def set_backends(self, backends: list[str]) -> None:
         """A backend change applied on every live balancer (as configuration management would)."""
-        self.previous_backends = self.backends
         self.backend_history.append(self.backends)
         self.backends = list(backends)
         for name in self.members_alive():
