@@ -3,6 +3,7 @@ what the exchange buys, measured. `pylb scenarios` prints the table; the tests
 assert it (tests/test_scenarios.py)."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from pylb import testbed
@@ -44,6 +45,28 @@ def backends_changed_then_moved(tb, flows):
     _start(tb, flows)
     tb.set_backends(["b-2", "b-3", "b-4", "b-5"])
     tb.send(flows, "PA")
+    tb.set_router(["lb2", "lb3"])
+    tb.send(flows, "PA")
+    tb.send(flows, "FA")
+
+
+def two_changes_then_retired(tb, flows):
+    """Two backend changes under the same established flows, the buckets
+    retired wherever nobody needs state any more; then the router drops lb1
+    and re-hashes every flow (docs/state-exchange.md, "Retirement")."""
+    _start(tb, flows)
+    tb.set_backends(["b-2", "b-3", "b-4", "b-5"])
+    tb.send(flows, "PA")
+    tb.set_backends(["b-2", "b-3", "b-5", "b-6"])
+    tb.send(flows, "PA")
+    tb.settle()
+    for _ in range(2):      # owners retire and announce (CLEAN, once a second), then the others
+        for name in tb.alive:
+            tb.lbs[name].retire_previous()
+        end = time.monotonic() + 1.2
+        while time.monotonic() < end:
+            tb.step()
+            time.sleep(0.01)
     tb.set_router(["lb2", "lb3"])
     tb.send(flows, "PA")
     tb.send(flows, "FA")
@@ -91,6 +114,7 @@ def all_at_once(tb, flows):
 SCENARIOS = {
     "moved to another balancer": moved_to_another_balancer,
     "backends changed, then moved": backends_changed_then_moved,
+    "two backend changes, retired, then moved": two_changes_then_retired,
     "owner dies, backup answers": owner_dies,
     "balancer joins, ownership hands off": balancer_joins,
     "all at once": all_at_once,
