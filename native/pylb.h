@@ -543,10 +543,11 @@ int pylb_worker_apply(struct pylb_worker *w, const struct pylb_verdict *v, uint3
 /* Flushes the TX buffer now. */
 int pylb_worker_flush(struct pylb_worker *w);
 int pylb_worker_stats(const struct pylb_worker *w, struct pylb_stats *out);
-/* Packets and bytes forwarded per backend id since the worker started (ids
- * are stable across dataplanes). Entries past the known ids read zero. */
+/* Packets, bytes and new flows forwarded per backend id since the worker
+ * started (ids are stable across dataplanes); new flows are those fwd_new
+ * counts, so they sum to it. Entries past the known ids read zero. */
 int pylb_worker_backend_counts(const struct pylb_worker *w, uint64_t *packets,
-                               uint64_t *bytes, uint32_t n);
+                               uint64_t *bytes, uint64_t *new_flows, uint32_t n);
 /* Sends an ARP request / neighbour solicitation for ip now. */
 int pylb_worker_solicit(struct pylb_worker *w, const struct pylb_ip *ip);
 /* ------------------------------------------------------------------ peer

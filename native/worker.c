@@ -214,9 +214,10 @@ static int vip_miss(struct pylb_worker *w, struct rte_mbuf *m, const struct pylb
      * neighbour yet) must not leave a cache entry or a notice behind. */
     if (!worker_forward(w, m, cur, pp->l2_len, pp->l3_total, l3, flow_id))
         return 0;
-    if (syn || !is_tcp)
+    if (syn || !is_tcp) {
         w->st.fwd_new++;
-    else
+        w->be_new[cur]++;
+    } else
         w->st.fwd_table++;
     int notice = 0;
     if (moved || (v->flags & PYLB_VIP_TRACK_ALL)) {
@@ -546,6 +547,7 @@ PYLB_API void pylb_worker_destroy(struct pylb_worker *w)
     free(w->free_slots);
     free(w->be_packets);
     free(w->be_bytes);
+    free(w->be_new);
     free(w->be_tx);
     rte_free(w->txb);
     rte_free(w);
@@ -562,24 +564,29 @@ PYLB_API int pylb_worker_set_dataplane(struct pylb_worker *w, struct pylb_datapl
     /* Backend ids are stable across configurations: counts carry over. */
     uint32_t n = RTE_MAX(dp->n_backends, RTE_MAX(w->n_be, 1u));
     uint64_t *p = calloc(n, sizeof(uint64_t)), *b = calloc(n, sizeof(uint64_t));
+    uint64_t *nf = calloc(n, sizeof(uint64_t));
     /* Next hops and parameters are the new configuration's: every backend's
      * MAC and headers are prepared again. */
     struct backend_tx *tx = calloc(n, sizeof(*tx));
-    if (p == NULL || b == NULL || tx == NULL) {
+    if (p == NULL || b == NULL || nf == NULL || tx == NULL) {
         free(p);
         free(b);
+        free(nf);
         free(tx);
         return pylb_fail(PYLB_ENOMEM, "set_dataplane: out of memory");
     }
     if (w->n_be) {
         memcpy(p, w->be_packets, w->n_be * sizeof(uint64_t));
         memcpy(b, w->be_bytes, w->n_be * sizeof(uint64_t));
+        memcpy(nf, w->be_new, w->n_be * sizeof(uint64_t));
     }
     free(w->be_packets);
     free(w->be_bytes);
+    free(w->be_new);
     free(w->be_tx);
     w->be_packets = p;
     w->be_bytes = b;
+    w->be_new = nf;
     w->be_tx = tx;
     w->n_be = n;
     if (old)
@@ -603,11 +610,13 @@ PYLB_API int pylb_worker_stats(const struct pylb_worker *w, struct pylb_stats *o
 }
 
 PYLB_API int pylb_worker_backend_counts(const struct pylb_worker *w, uint64_t *packets,
-                                        uint64_t *bytes, uint32_t n)
+                                        uint64_t *bytes, uint64_t *new_flows, uint32_t n)
 {
     for (uint32_t i = 0; i < n; i++) {
-        packets[i] = i < w->n_be && w->be_packets ? w->be_packets[i] : 0;
-        bytes[i] = i < w->n_be && w->be_bytes ? w->be_bytes[i] : 0;
+        int known = i < w->n_be && w->be_packets != NULL;
+        packets[i] = known ? w->be_packets[i] : 0;
+        bytes[i] = known ? w->be_bytes[i] : 0;
+        new_flows[i] = known ? w->be_new[i] : 0;
     }
     return PYLB_OK;
 }

@@ -50,6 +50,7 @@ struct pylb_worker {
     struct held_pkt *held;
     uint64_t *be_packets;        /* per backend id of the current dataplane */
     uint64_t *be_bytes;
+    uint64_t *be_new;            /* new flows (as st.fwd_new counts them) per backend id */
     struct backend_tx *be_tx;    /* per backend id: MAC and headers, as last prepared */
     uint32_t n_be;
     struct pylb_stats st;

@@ -41,6 +41,7 @@ class BackendCount:
     address: str
     packets: int
     bytes: int
+    new_flows: int
 
 
 class Balancer:
@@ -460,7 +461,8 @@ class Balancer:
                 "effective_weight": ref.weight,
                 "health": health if ref.active else "removed", "drained": key in self.drained,
                 "buckets": buckets.get(ref.id, 0),
-                "packets": counts[ref.id][0], "bytes": counts[ref.id][1]})
+                "packets": counts[ref.id][0], "bytes": counts[ref.id][1],
+                "new_flows": counts[ref.id][2]})
         vips = [{"name": v.name, "address": str(v.address), "protocol": v.protocol,
                  "port": v.port or "all", "encap": v.encap.type, "table_size": v.table_size,
                  "moved_buckets_in_force": v.name in dp.history,
@@ -649,8 +651,8 @@ class Balancer:
         return self.worker.stats()
 
     def backend_counts(self, active_only: bool = False) -> list[BackendCount]:
-        """Packets and bytes per (VIP, backend) since start (ids are stable, so
-        counts survive reconfiguration)."""
+        """Packets, bytes and new flows per (VIP, backend) since start (ids are
+        stable, so counts survive reconfiguration)."""
         counts = self.worker.backend_counts()
         return [BackendCount(ref.vip, ref.name, str(ref.address), *counts[ref.id])
                 for ref in self.dataplane.backends if ref.active or not active_only]

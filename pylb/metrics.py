@@ -75,16 +75,20 @@ class SnapshotCollector:
     def _traffic(snap):
         s = snap["stats"]
         rows = snap["backends"]
-        per_vip = defaultdict(lambda: [0, 0])
+        per_vip = defaultdict(lambda: [0, 0, 0])
         for r in rows:
             per_vip[r["vip"]][0] += r["packets"]
             per_vip[r["vip"]][1] += r["bytes"]
+            per_vip[r["vip"]][2] += r["new_flows"]
         for v in snap["vips"]:
             per_vip[v["name"]]   # a VIP with no traffic yet still shows, at 0
         yield _counter("pylb_vip_packets", "Packets forwarded per VIP.", ["vip"],
                        [((v,), pb[0]) for v, pb in per_vip.items()])
         yield _counter("pylb_vip_bytes", "Bytes forwarded per VIP (inner packets).", ["vip"],
                        [((v,), pb[1]) for v, pb in per_vip.items()])
+        yield _counter("pylb_vip_new_flows", "New flows (TCP SYN, first UDP datagram) "
+                       "forwarded by the current table, per VIP.", ["vip"],
+                       [((v,), pb[2]) for v, pb in per_vip.items()])
         yield _gauge("pylb_stateful_buckets", "Buckets a backend change in force moved.",
                      ["vip"], [((v["name"],), v["stateful_buckets"]) for v in snap["vips"]])
         key = lambda r: (r["vip"], r["backend"])  # noqa: E731
@@ -92,6 +96,9 @@ class SnapshotCollector:
                        ["vip", "backend"], [(key(r), r["packets"]) for r in rows])
         yield _counter("pylb_backend_bytes", "Bytes forwarded per backend.", ["vip", "backend"],
                        [(key(r), r["bytes"]) for r in rows])
+        yield _counter("pylb_backend_new_flows", "New flows forwarded by the current table, "
+                       "per backend.", ["vip", "backend"],
+                       [(key(r), r["new_flows"]) for r in rows])
         live = [r for r in rows if r["active"]]
         yield _gauge("pylb_backend_up", "1: passes its health checks (or has none); 0: failing.",
                      ["vip", "backend"], [(key(r), int(r["health"] == "up")) for r in live])

@@ -152,13 +152,12 @@ class Worker:
         check(lib.pylb_worker_stats(self.handle, s), "worker stats")
         return Stats.from_c(s)
 
-    def backend_counts(self) -> list[tuple[int, int]]:
-        """(packets, bytes) per backend id of the current dataplane."""
+    def backend_counts(self) -> list[tuple[int, int, int]]:
+        """(packets, bytes, new flows) per backend id of the current dataplane."""
         n = len(self._dp.backends) if self._dp else 0
-        pk = ffi.new("uint64_t[]", max(n, 1))
-        by = ffi.new("uint64_t[]", max(n, 1))
-        check(lib.pylb_worker_backend_counts(self.handle, pk, by, n), "backend counts")
-        return [(pk[i], by[i]) for i in range(n)]
+        pk, by, nf = (ffi.new("uint64_t[]", max(n, 1)) for _ in range(3))
+        check(lib.pylb_worker_backend_counts(self.handle, pk, by, nf, n), "backend counts")
+        return [(pk[i], by[i], nf[i]) for i in range(n)]
 
     def solicit(self, address) -> None:
         ip = ffi.new("struct pylb_ip *")

@@ -252,6 +252,12 @@ def test_metrics_are_scraped_and_agree_with_status(running):
     for row in snap["backends"]:
         assert value("pylb_backend_packets_total", vip=row["vip"], backend=row["backend"]) == \
             row["packets"]
+        assert value("pylb_backend_new_flows_total", vip=row["vip"],
+                     backend=row["backend"]) == row["new_flows"]
+    new_per_vip = sum(s.value for s in samples if s.name == "pylb_vip_new_flows_total")
+    assert new_per_vip == snap["stats"]["fwd_new"] > 0
+    for v in snap["vips"]:
+        assert value("pylb_stateful_buckets", vip=v["name"]) == v["stateful_buckets"]
     assert value("pylb_backend_up", vip="web", backend="web-1") == 1
     assert value("pylb_drops_total", reason="no_vip") == snap["stats"]["drop_no_vip"]
     assert 0 <= value("pylb_worker_busy_ratio", worker="0") <= 1

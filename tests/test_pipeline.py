@@ -302,6 +302,20 @@ def test_first_packet_is_new_the_next_a_cache_hit(pipe, packets):
         assert len({Ether(f)[UDP].sport for f in sent}) == 1
 
 
+def test_new_flows_are_counted_per_backend(ring):
+    """Per (VIP, backend) new-flow counts: each new flow counted once, at the
+    backend it went to, and together they are the fwd_new total."""
+    with Balancer(make_config(ring, BEFORE)) as lb:
+        pipe = Pipeline(lb)
+        flows = _flows(5)[:400]
+        first, _ = _send_flows(pipe, flows, "S")
+        _send_flows(pipe, flows, "PA")              # cache hits: not new
+        by_address = Counter(first.values())
+        counts = {c.address: c.new_flows for c in lb.backend_counts() if c.new_flows}
+        assert counts == dict(by_address)
+        assert sum(counts.values()) == lb.stats().fwd_new == len(flows)
+
+
 def test_track_moved_stable_bucket_goes_by_the_table_uncached(ring):
     with Balancer(make_config(ring, track="moved")) as lb:
         pipe = Pipeline(lb)
