@@ -369,6 +369,16 @@ static inline uint64_t fc_key_diff(const struct fc_entry *e, const struct pylb_f
            | (LOAD(&e->key[3]) ^ k[3]) | (LOAD(&e->key[4]) ^ k[4]);
 }
 
+/* Frees an entry read at even seq, unless a writer came in since. */
+static int fc_free(struct fc_entry *e, uint32_t seq)
+{
+    if (!fc_claim(e, seq))
+        return 0;
+    STORE(&e->used, 0);
+    fc_publish(e, seq + 1);
+    return 1;
+}
+
 enum fc_way {
     FC_NOT_HERE = 0,
     FC_HIT = 1,
@@ -407,11 +417,7 @@ static inline enum fc_way fc_try_way(struct pylb_flow_cache *c, struct fc_entry 
          * the port for a new connection, which the tables decide, not the old
          * connection's backend (it may be drained or gone). The entry is freed
          * so that the miss path decides and caches afresh (docs/flow-cache.md). */
-        if (!fc_claim(e, seq))
-            return FC_CLAIM_LOST;
-        STORE(&e->used, 0);
-        fc_publish(e, seq + 1);
-        return FC_NOT_HERE;
+        return fc_free(e, seq) ? FC_NOT_HERE : FC_CLAIM_LOST;
     }
     uint8_t new_class = tclass == PYLB_TO_TCP && (tcp_flags & (TCP_FIN | TCP_RST))
                             ? PYLB_TO_TCP_CLOSING : tclass;
@@ -648,14 +654,6 @@ retry:
 }
 
 /* Frees one entry if it is still what snapshot s saw; 0 if it changed. */
-static int fc_free(struct fc_entry *e, const struct fc_snap *s)
-{
-    if (!fc_claim(e, s->seq))
-        return 0;
-    STORE(&e->used, 0);
-    fc_publish(e, s->seq + 1);
-    return 1;
-}
 
 PYLB_API int pylb_flow_cache_remove(struct pylb_flow_cache *c, const struct pylb_flow_key *key,
                                     uint64_t flow_id)
@@ -674,7 +672,7 @@ PYLB_API int pylb_flow_cache_remove(struct pylb_flow_cache *c, const struct pylb
             if (!fc_snapshot(set + w, &s) || !s.used || s.flow_id != flow_id
                 || !fc_key_eq(s.key, k))
                 break;
-            if (fc_free(set + w, &s)) {
+            if (fc_free(set + w, s.seq)) {
                 removed = 1;
                 break;
             }
@@ -700,7 +698,7 @@ PYLB_API uint64_t pylb_flow_cache_age(struct pylb_flow_cache *c, uint32_t now_ms
             struct fc_snap s;
             if (LOAD(&set[w].used) && fc_snapshot(set + w, &s) && s.used
                 && !fc_live(c->hdr, s.last_seen, s.tclass, now_ms))
-                freed += (uint64_t)fc_free(set + w, &s);
+                freed += (uint64_t)fc_free(set + w, s.seq);
         }
     }
     return freed;
