@@ -508,6 +508,7 @@ class Namespace:
                                  start_new_session=True, **popen_args)
         process = Process(popen, list(argv))
         self._topology.defer(process.stop, f"process {argv[0]} ({popen.pid})")
+        self._wait_entered(popen)
         return process
 
     def spawn_logged(self, *argv: str, grace: float = 2.0, **popen_args: Any) -> LoggedProcess:
@@ -527,7 +528,27 @@ class Namespace:
             popen.wait()
             raise
         self._topology.defer(process.stop, f"process {argv[0]} ({popen.pid})")
+        self._wait_entered(popen)
         return process
+
+    def _wait_entered(self, popen: subprocess.Popen, timeout: float = 10.0) -> None:
+        """Returns once the process is inside this namespace (or has ended).
+        `ip netns exec` enters it some time after the fork; a sweep of the
+        namespace in between would miss the process, which could then live on
+        in a namespace no longer listed anywhere."""
+        mark = (NETNS_DIR / self.name).stat()
+        want = (mark.st_dev, mark.st_ino)
+        deadline = time.monotonic() + timeout
+        while popen.poll() is None:
+            try:
+                seen = os.stat(f"/proc/{popen.pid}/ns/net")
+                if (seen.st_dev, seen.st_ino) == want:
+                    return
+            except FileNotFoundError:
+                return  # ended between poll and stat
+            if time.monotonic() > deadline:
+                raise NetnsError(f"process {popen.pid} did not enter {self.name} in {timeout} s")
+            time.sleep(0.002)
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Calls fn in a thread that entered this namespace: sockets it creates
