@@ -18,7 +18,7 @@
 #include "internal.h"
 
 #define FC_MAGIC 0x31304346424c5950ull  /* "PYLBFC01" in memory order (little-endian) */
-#define FC_VERSION 1u
+#define FC_VERSION 2u                   /* 2: active-flow counters after the sets */
 #define FC_LINE 64u
 #define FC_KEY_WORDS 5
 #define FC_MAX_CAPACITY (1ull << 30)    /* 64 GiB of entries: beyond it, a typo */
@@ -34,6 +34,15 @@
 /* A hit whose refresh loses the entry to other writers this often is
  * reported as a miss: the slow path handles it, and the reader moves on. */
 #define FC_LOOKUP_ATTEMPTS 8
+/* Active-flow counters (docs/flow-cache.md, "Active flows"): one slot per
+ * writer handle, so that writers on different cores never write one line. A
+ * slot holds a counter per counted backend id and one for every other id,
+ * padded to whole lines. More handles than slots share slots: the adds are
+ * atomic, so sharing costs contention, never a count. */
+#define FC_COUNT_SLOTS 16u
+#define FC_COUNT_OTHER PYLB_FLOW_CACHE_COUNTED_BACKENDS
+#define FC_COUNT_STRIDE (PYLB_FLOW_CACHE_COUNTED_BACKENDS + FC_LINE / 4)
+_Static_assert(PYLB_FLOW_CACHE_COUNTED_BACKENDS % (FC_LINE / 4) == 0, "slots start on a line");
 
 #define TCP_FIN 0x01
 #define TCP_SYN 0x02
@@ -65,9 +74,11 @@ struct fc_header {
     uint64_t n_sets;     /* a power of two */
     uint64_t capacity;   /* n_sets * ways */
     uint32_t timeouts_ms[4];
-    uint8_t pad0[FC_LINE - 56];
+    uint32_t count_slots;       /* FC_COUNT_SLOTS */
+    uint32_t counted_backends;  /* PYLB_FLOW_CACHE_COUNTED_BACKENDS */
     uint64_t age_cursor; /* next set to age, shared by all handles */
-    uint8_t pad1[FC_LINE - 8];
+    uint32_t next_count_slot;   /* handles take counter slots in turn */
+    uint8_t pad1[FC_LINE - 12];
 };
 _Static_assert(sizeof(struct fc_header) == 2 * FC_LINE, "two header lines");
 
@@ -77,6 +88,8 @@ enum fc_owner { FC_CALLER = 0, FC_MMAP = 1, FC_RTE = 2 };
 struct pylb_flow_cache {
     struct fc_header *hdr;
     struct fc_entry *entries;
+    uint32_t *counts;    /* this handle's counter slot (FC_COUNT_STRIDE counters) */
+    uint32_t *all_counts;/* slot 0; FC_COUNT_SLOTS slots follow one another */
     uint64_t set_mask;
     void *mem;
     size_t len;
@@ -109,12 +122,21 @@ static uint64_t fc_sets_for(uint64_t capacity)
     return pow2;
 }
 
+static size_t fc_sets_bytes(uint64_t n_sets)
+{
+    return n_sets * PYLB_FLOW_CACHE_WAYS * sizeof(struct fc_entry);
+}
+
+static size_t fc_counts_bytes(void)
+{
+    return (size_t)FC_COUNT_SLOTS * FC_COUNT_STRIDE * sizeof(uint32_t);
+}
+
 PYLB_API size_t pylb_flow_cache_footprint(uint64_t capacity)
 {
     if (capacity == 0 || capacity > FC_MAX_CAPACITY)
         return 0;
-    return sizeof(struct fc_header)
-           + fc_sets_for(capacity) * PYLB_FLOW_CACHE_WAYS * sizeof(struct fc_entry);
+    return sizeof(struct fc_header) + fc_sets_bytes(fc_sets_for(capacity)) + fc_counts_bytes();
 }
 
 static int fc_check_timeouts(const uint32_t t[4])
@@ -212,22 +234,30 @@ static inline struct fc_entry *fc_set(const struct pylb_flow_cache *c, uint64_t 
     return c->entries + (flow_id & c->set_mask) * PYLB_FLOW_CACHE_WAYS;
 }
 
+/* A handle's pointers into the memory, and its counter slot: each new handle
+ * takes the next slot, so handles in different processes (one per worker)
+ * count in different lines. */
 static void fc_layout(struct pylb_flow_cache *c, void *mem, uint64_t n_sets)
 {
     c->hdr = mem;
     c->entries = (struct fc_entry *)((char *)mem + sizeof(struct fc_header));
     c->set_mask = n_sets - 1;
+    c->all_counts = (uint32_t *)((char *)c->entries + fc_sets_bytes(n_sets));
+    uint32_t slot = __atomic_fetch_add(&c->hdr->next_count_slot, 1, __ATOMIC_RELAXED);
+    c->counts = c->all_counts + (size_t)(slot % FC_COUNT_SLOTS) * FC_COUNT_STRIDE;
 }
 
 static void fc_init(void *mem, uint64_t n_sets, const uint32_t timeouts[4])
 {
     struct fc_header *h = mem;
-    memset(mem, 0, sizeof(*h) + n_sets * PYLB_FLOW_CACHE_WAYS * sizeof(struct fc_entry));
+    memset(mem, 0, sizeof(*h) + fc_sets_bytes(n_sets) + fc_counts_bytes());
     h->version = FC_VERSION;
     h->ways = PYLB_FLOW_CACHE_WAYS;
     h->entry_size = sizeof(struct fc_entry);
     h->n_sets = n_sets;
     h->capacity = n_sets * PYLB_FLOW_CACHE_WAYS;
+    h->count_slots = FC_COUNT_SLOTS;
+    h->counted_backends = PYLB_FLOW_CACHE_COUNTED_BACKENDS;
     memcpy(h->timeouts_ms, timeouts, sizeof(h->timeouts_ms));
     /* Last, with release: a process attaching meanwhile sees either no magic
      * or the complete layout. */
@@ -259,7 +289,9 @@ PYLB_API int pylb_flow_cache_attach(void *mem, size_t len, uint64_t capacity, in
     } else if (__atomic_load_n(&h->magic, __ATOMIC_ACQUIRE) != FC_MAGIC
                || h->version != FC_VERSION || h->ways != PYLB_FLOW_CACHE_WAYS
                || h->entry_size != sizeof(struct fc_entry) || h->n_sets != n_sets
-               || h->capacity != n_sets * PYLB_FLOW_CACHE_WAYS) {
+               || h->capacity != n_sets * PYLB_FLOW_CACHE_WAYS
+               || h->count_slots != FC_COUNT_SLOTS
+               || h->counted_backends != PYLB_FLOW_CACHE_COUNTED_BACKENDS) {
         return pylb_fail(PYLB_EINVAL, "flow_cache_attach: no flow cache of capacity %llu "
                          "(version %u) in this memory", (unsigned long long)capacity,
                          FC_VERSION);
@@ -369,13 +401,32 @@ static inline uint64_t fc_key_diff(const struct fc_entry *e, const struct pylb_f
            | (LOAD(&e->key[3]) ^ k[3]) | (LOAD(&e->key[4]) ^ k[4]);
 }
 
-/* Frees an entry read at even seq, unless a writer came in since. */
-static int fc_free(struct fc_entry *e, uint32_t seq)
+/*
+ * Counts an entry in use for backend (delta +1) or no longer (-1), in this
+ * handle's slot. Called by the writer that made the change, after it held
+ * the entry's claim: each change is counted once, by the one thread that
+ * made it. The counters wrap modulo 2^32; the sum over the slots is exact
+ * (a slot alone may go "negative": another slot's writer freed what this
+ * one inserted) because the true count never exceeds the capacity (< 2^32).
+ * A relaxed atomic add on a line only this handle writes: never contended
+ * unless threads share the handle.
+ */
+static inline void fc_count(const struct pylb_flow_cache *c, uint32_t backend, int32_t delta)
+{
+    uint32_t i = backend < PYLB_FLOW_CACHE_COUNTED_BACKENDS ? backend : FC_COUNT_OTHER;
+    __atomic_fetch_add(&c->counts[i], (uint32_t)delta, __ATOMIC_RELAXED);
+}
+
+/* Frees an entry in use for backend, read at even seq, unless a writer came
+ * in since. */
+static int fc_free(const struct pylb_flow_cache *c, struct fc_entry *e, uint32_t seq,
+                   uint32_t backend)
 {
     if (!fc_claim(e, seq))
         return 0;
     STORE(&e->used, 0);
     fc_publish(e, seq + 1);
+    fc_count(c, backend, -1);
     return 1;
 }
 
@@ -417,7 +468,7 @@ static inline enum fc_way fc_try_way(struct pylb_flow_cache *c, struct fc_entry 
          * the port for a new connection, which the tables decide, not the old
          * connection's backend (it may be drained or gone). The entry is freed
          * so that the miss path decides and caches afresh (docs/flow-cache.md). */
-        return fc_free(e, seq) ? FC_NOT_HERE : FC_CLAIM_LOST;
+        return fc_free(c, e, seq, be) ? FC_NOT_HERE : FC_CLAIM_LOST;
     }
     uint8_t new_class = tclass == PYLB_TO_TCP && (tcp_flags & (TCP_FIN | TCP_RST))
                             ? PYLB_TO_TCP_CLOSING : tclass;
@@ -590,7 +641,8 @@ PYLB_API int pylb_flow_cache_insert(struct pylb_flow_cache *c, const struct pylb
 
     for (int attempt = 0; attempt < FC_INSERT_ATTEMPTS; attempt++) {
         int free_way = -1, busy = 0;
-        uint32_t free_seq = 0;
+        uint32_t free_seq = 0, free_backend = 0;
+        uint8_t free_used = 0;  /* an expired entry: its flow leaves the count */
         for (int w = 0; w < PYLB_FLOW_CACHE_WAYS; w++) {
             struct fc_snap s;
             if (!fc_snapshot(set + w, &s)) {
@@ -608,12 +660,18 @@ PYLB_API int pylb_flow_cache_insert(struct pylb_flow_cache *c, const struct pylb
                 STORE(&set[w].tclass, timeout_class);
                 STORE(&set[w].last_seen, now_ms);
                 fc_publish(set + w, s.seq + 1);
+                if (s.backend != backend) {
+                    fc_count(c, s.backend, -1);
+                    fc_count(c, backend, +1);
+                }
                 return PYLB_OK;
             }
             /* Prefer our own expired copy, so no stale twin lingers. */
             if (free_way < 0 || same) {
                 free_way = w;
                 free_seq = s.seq;
+                free_used = s.used;
+                free_backend = s.backend;
             }
         }
         if (free_way < 0) {
@@ -634,12 +692,16 @@ PYLB_API int pylb_flow_cache_insert(struct pylb_flow_cache *c, const struct pylb
         STORE(&e->tclass, timeout_class);
         STORE(&e->used, 1);
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        if (fc_conflict(c, set, free_way, k, flow_id, now_ms)) {
+        int conflict = fc_conflict(c, set, free_way, k, flow_id, now_ms);
+        if (conflict)
             STORE(&e->used, 0);
-            fc_publish(e, free_seq + 1);
-            goto retry;
-        }
         fc_publish(e, free_seq + 1);
+        /* The expired flow we wrote over is gone either way. */
+        if (free_used)
+            fc_count(c, free_backend, -1);
+        if (conflict)
+            goto retry;
+        fc_count(c, backend, +1);
         return PYLB_OK;
 retry:
         /* The holder of an odd entry may be a preempted thread (cores can
@@ -652,8 +714,6 @@ retry:
     return pylb_fail(PYLB_EFULL, "flow_cache_insert: set %llu contended",
                      (unsigned long long)(flow_id & c->set_mask));
 }
-
-/* Frees one entry if it is still what snapshot s saw; 0 if it changed. */
 
 PYLB_API int pylb_flow_cache_remove(struct pylb_flow_cache *c, const struct pylb_flow_key *key,
                                     uint64_t flow_id)
@@ -672,7 +732,7 @@ PYLB_API int pylb_flow_cache_remove(struct pylb_flow_cache *c, const struct pylb
             if (!fc_snapshot(set + w, &s) || !s.used || s.flow_id != flow_id
                 || !fc_key_eq(s.key, k))
                 break;
-            if (fc_free(set + w, s.seq)) {
+            if (fc_free(c, set + w, s.seq, s.backend)) {
                 removed = 1;
                 break;
             }
@@ -698,7 +758,7 @@ PYLB_API uint64_t pylb_flow_cache_age(struct pylb_flow_cache *c, uint32_t now_ms
             struct fc_snap s;
             if (LOAD(&set[w].used) && fc_snapshot(set + w, &s) && s.used
                 && !fc_live(c->hdr, s.last_seen, s.tclass, now_ms))
-                freed += (uint64_t)fc_free(set + w, s.seq);
+                freed += (uint64_t)fc_free(c, set + w, s.seq, s.backend);
         }
     }
     return freed;
@@ -716,6 +776,42 @@ PYLB_API uint64_t pylb_flow_cache_count(struct pylb_flow_cache *c, uint32_t now_
             live++;
     }
     return live;
+}
+
+/*
+ * Sums the writers' slots. Each slot counts modulo 2^32 and so does the sum
+ * (see fc_count). Relaxed loads: a change in flight may show half done (a
+ * replace's -1 before its +1); with no write in flight the sums are exact.
+ */
+/* The slots' sum, modulo 2^32. Reading the slots is no snapshot: a writer's
+ * -1 may be seen before another's +1 for the same entry, so a count can
+ * read just below zero, which wraps to near 2^32. True counts stay at most
+ * the capacity (<= 2^31), so such values read as 0. */
+static uint64_t fc_count_value(uint32_t sum)
+{
+    return sum >= 0xF0000000u ? 0 : sum;
+}
+
+PYLB_API int pylb_flow_cache_active_flows(const struct pylb_flow_cache *c, uint64_t *per_backend,
+                                          uint32_t n, uint64_t *total)
+{
+    if (!c || (n && !per_backend))
+        return pylb_fail(PYLB_EINVAL, "flow_cache_active_flows: NULL argument");
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t sum = 0;
+        if (i < PYLB_FLOW_CACHE_COUNTED_BACKENDS)
+            for (uint32_t slot = 0; slot < FC_COUNT_SLOTS; slot++)
+                sum += LOAD(&c->all_counts[(size_t)slot * FC_COUNT_STRIDE + i]);
+        per_backend[i] = fc_count_value(sum);
+    }
+    if (total) {
+        uint32_t sum = 0;
+        for (uint32_t slot = 0; slot < FC_COUNT_SLOTS; slot++)
+            for (uint32_t i = 0; i <= FC_COUNT_OTHER; i++)
+                sum += LOAD(&c->all_counts[(size_t)slot * FC_COUNT_STRIDE + i]);
+        *total = fc_count_value(sum);
+    }
+    return PYLB_OK;
 }
 
 PYLB_API uint64_t pylb_flow_cache_capacity(const struct pylb_flow_cache *c)

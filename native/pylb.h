@@ -233,9 +233,26 @@ uint64_t pylb_flow_cache_sets(const struct pylb_flow_cache *c);
 /* Frees expired entries in up to max_sets sets, continuing where the last call
  * stopped; returns the number freed. */
 uint64_t pylb_flow_cache_age(struct pylb_flow_cache *c, uint32_t now_ms, uint64_t max_sets);
-/* Live (unexpired) entries: an O(capacity) scan, for tests and status. */
+/* Live (unexpired) entries: an O(capacity) scan, for tests. */
 uint64_t pylb_flow_cache_count(struct pylb_flow_cache *c, uint32_t now_ms);
 uint64_t pylb_flow_cache_capacity(const struct pylb_flow_cache *c);
+
+/* Active flows: the entries the cache holds (in use: live, or timed out and
+ * not yet freed by age() or reused by an insert), per backend id. Counted as
+ * entries are written, never by a scan: every insert, replace and free
+ * counts, whichever handle or process makes it (docs/flow-cache.md, "Active
+ * flows"). Ids from PYLB_FLOW_CACHE_COUNTED_BACKENDS on are counted only in
+ * the total.
+ *
+ *   total == sum(per_backend[id] for every id) + entries of uncounted ids
+ *   total == pylb_flow_cache_count(now) + timed-out entries not yet freed
+ *
+ * Both exact while no write is in flight. per_backend[i] for i < n (ids
+ * not counted read 0); total may be NULL. Costs a read of the counters
+ * (about 1 MiB for the total), never of the entries. */
+#define PYLB_FLOW_CACHE_COUNTED_BACKENDS 16384
+int pylb_flow_cache_active_flows(const struct pylb_flow_cache *c, uint64_t *per_backend,
+                                 uint32_t n, uint64_t *total);
 
 /* ------------------------------------------------------------------ encap */
 
@@ -463,11 +480,13 @@ struct pylb_worker_conf {
  *   drop_total == drop_parse_truncated + drop_parse_bad + drop_not_ip
  *                 + drop_no_vip + drop_no_backend + drop_no_neighbor
  *                 + drop_too_big + drop_encap + drop_icmp + drop_arp_other
- *                 + drop_exception + drop_verdict + drop_peer_ring_full
+ *                 + drop_exception + drop_verdict + drop_peer_ring_full + drop_local
  *   drop_verdict == verdict_drop
  *   tx_ok + tx_dropped == fwd_cache_hit + fwd_new + fwd_table + fwd_fragment
  *         + fwd_verdict + fwd_for_peer + peer_sent + arp_replied + nd_replied
- *         + neigh_requests + tap_to_wire + icmp_too_big_sent   (after a flush)
+ *         + neigh_requests + tap_to_wire + health_steered + icmp_too_big_sent
+ *         (after a flush)
+ *   tap_rx == tap_to_wire + health_steered + health_steer_failed
  *
  * Notices (PYLB_PUNT_NEW_STATE) are not rx outcomes: notices + notices_lost
  * counts new flows in moved buckets.
@@ -497,7 +516,10 @@ struct pylb_stats {
     uint64_t neigh_requests;    /* ARP requests / NSs sent */
     uint64_t icmp_too_big_sent; /* "fragmentation needed" / "packet too big" to clients */
     uint64_t exception_tap;     /* wire to kernel through the TAP */
+    uint64_t tap_rx;            /* frames the kernel sent through the TAP */
     uint64_t tap_to_wire;       /* kernel to wire through the TAP */
+    uint64_t health_steered;    /* kernel to a backend: health checks through the encapsulation */
+    uint64_t health_steer_failed; /* health check frames not sent (no neighbour, too big...) */
     uint64_t drop_total;
     uint64_t drop_parse_truncated;
     uint64_t drop_parse_bad;
@@ -512,6 +534,7 @@ struct pylb_stats {
     uint64_t drop_exception;
     uint64_t drop_verdict;
     uint64_t drop_peer_ring_full; /* Python did not read the peer ring in time */
+    uint64_t drop_local;        /* to the balancer's address, neither peer message nor check answer */
     uint64_t cache_insert;
     uint64_t cache_full;        /* set full: forwarded by the table, not cached */
     uint64_t tx_ok;
@@ -570,6 +593,17 @@ int pylb_worker_send_peer(struct pylb_worker *w, const struct pylb_ip *peer,
  * the fast path does: the owner forwarding a packet another balancer sent. */
 int pylb_worker_forward_ip(struct pylb_worker *w, const uint8_t *ip_packet, uint32_t len,
                            uint32_t backend, uint64_t flow_id);
+
+/* Health checks through the encapsulation (docs/operations.md). The kernel's
+ * check connects from local TCP port `port` (family 4 or 6) to a VIP through
+ * the exception TAP; while steered, its frames to any VIP go, encapsulated,
+ * to backend id instead of leaving unchanged, and TCP from the wire to the
+ * balancer's address and that port (the answers) goes to the TAP, where
+ * nothing else to the balancer's address goes (drop_local). backend
+ * UINT32_MAX ends the steering. Safe to call from any thread of the worker's
+ * process (one store the burst loop reads). */
+int pylb_worker_steer_health(struct pylb_worker *w, uint8_t family, uint16_t port,
+                             uint32_t backend);
 
 /* Ages the flow cache: call now and then from the control loop. */
 int pylb_worker_age_cache(struct pylb_worker *w, uint64_t max_sets, uint64_t *freed);

@@ -251,6 +251,20 @@ static int vip_miss(struct pylb_worker *w, struct rte_mbuf *m, const struct pylb
     return notice;
 }
 
+#define HEALTH_STEER_PORTS 65536
+
+static inline uint32_t *health_steer_slot(const struct pylb_worker *w, uint8_t l3, uint16_t port)
+{
+    return &w->health_steer[(l3 == 6 ? HEALTH_STEER_PORTS : 0) + port];
+}
+
+/* TCP to a local port a health check's connection is steered from. */
+static int health_check_answer(const struct pylb_worker *w, const struct pylb_parsed *pp)
+{
+    return w->health_steer != NULL && pp->l4_proto == 6 && (pp->flags & PYLB_PF_HAS_L4) &&
+           __atomic_load_n(health_steer_slot(w, pp->l3, pp->key.dport), __ATOMIC_RELAXED) != 0;
+}
+
 /* Everything but a VIP's unfragmented packets, once parsed (rc, pp):
  * returns punts written. */
 static int handle_frame(struct pylb_worker *w, struct rte_mbuf *m, int rc,
@@ -287,6 +301,15 @@ static int handle_frame(struct pylb_worker *w, struct rte_mbuf *m, int rc,
             w->st.peer_rx++;
         else
             worker_count_drop(w, &w->st.drop_peer_ring_full, m);
+        return 0;
+    }
+    if (PYLB_UNLIKELY(dp_is_local(dp, &pp->key.dst))) {
+        /* The kernel behind the TAP gets only the answers to its health
+         * checks: the host's own services stay out of the data port's reach. */
+        if (health_check_answer(w, pp))
+            worker_to_exception(w, m, &w->st.drop_exception);
+        else
+            worker_count_drop(w, &w->st.drop_local, m);
         return 0;
     }
     if (pp->l4_proto == 1 || pp->l4_proto == 58)
@@ -375,14 +398,57 @@ static void flush(struct pylb_worker *w, uint64_t now_tsc)
     w->last_flush_tsc = now_tsc;
 }
 
-/* Kernel to wire: what the TAP device sends leaves by the data port. */
+/* A health check's frame from the kernel: TCP from a steered local port to a
+ * VIP. Sends it, encapsulated, to the check's backend (or frees it when that
+ * fails) and returns 1; returns 0 for any other frame. */
+static int steer_health_check(struct pylb_worker *w, struct rte_mbuf *m)
+{
+    struct pylb_parsed pp;
+    if (PYLB_UNLIKELY(m->nb_segs > 1) && rte_pktmbuf_linearize(m) != 0)
+        return 0;
+    if (pylb_parse(rte_pktmbuf_mtod(m, const uint8_t *), m->data_len, &pp) != PYLB_PARSE_OK ||
+        pp.l4_proto != 6 || !(pp.flags & PYLB_PF_HAS_L4) || (pp.l3 != 4 && pp.l3 != 6))
+        return 0;
+    uint32_t id = __atomic_load_n(health_steer_slot(w, pp.l3, pp.key.sport), __ATOMIC_RELAXED);
+    if (id == 0 || dp_find_vip(w->dp, &pp.key.dst, 6, pp.key.dport) < 0)
+        return 0;
+    uint64_t flow_id = pylb_flow_id(&pp.key, w->dp->flow_seed);
+    if (worker_encap_send(w, m, id - 1, pp.l2_len, pp.l3_total, pp.l3, flow_id) == NULL) {
+        w->st.health_steered++;
+    } else {
+        /* The check fails as it would for traffic; the kernel retransmits. */
+        w->st.health_steer_failed++;
+        rte_pktmbuf_free(m);
+    }
+    return 1;
+}
+
+/* Kernel to wire: what the TAP device sends leaves by the data port, but for
+ * health checks steered to a backend. */
 static void pump_exception_port(struct pylb_worker *w)
 {
     struct rte_mbuf *m[PYLB_BURST];
     uint16_t n = rte_eth_rx_burst(w->exc_port->port_id, 0, m, PYLB_BURST);
-    w->st.tap_to_wire += n;
-    for (uint16_t i = 0; i < n; i++)
+    w->st.tap_rx += n;
+    for (uint16_t i = 0; i < n; i++) {
+        if (w->health_steer != NULL && steer_health_check(w, m[i]))
+            continue;
+        w->st.tap_to_wire++;
         worker_tx(w, m[i]);
+    }
+}
+
+PYLB_API int pylb_worker_steer_health(struct pylb_worker *w, uint8_t family, uint16_t port,
+                                      uint32_t backend)
+{
+    if (w == NULL || (family != 4 && family != 6))
+        return pylb_fail(PYLB_EINVAL, "steer_health: a worker and family 4 or 6 are required");
+    if (w->health_steer == NULL)
+        return pylb_fail(PYLB_ESTATE, "steer_health: the worker has no exception TAP");
+    /* Stored as id + 1, so that 0 (calloc's) means not steered. */
+    uint32_t value = backend == UINT32_MAX ? 0 : backend + 1;
+    __atomic_store_n(health_steer_slot(w, family, port), value, __ATOMIC_RELAXED);
+    return PYLB_OK;
 }
 
 PYLB_API int pylb_worker_poll(struct pylb_worker *w, uint32_t max_bursts, uint32_t max_idle_us,
@@ -507,7 +573,10 @@ PYLB_API int pylb_worker_create(const struct pylb_worker_conf *c, struct pylb_wo
                                    RING_F_SP_ENQ | RING_F_SC_DEQ);
     w->held = calloc(max_held, sizeof(struct held_pkt));
     w->free_slots = malloc(max_held * sizeof(uint32_t));
-    if (w->txb == NULL || w->held == NULL || w->free_slots == NULL || w->peer_ring == NULL) {
+    if (w->exc_port != NULL)   /* 512 KiB: a slot per local port, no hashing */
+        w->health_steer = calloc(2 * HEALTH_STEER_PORTS, sizeof(uint32_t));
+    if (w->txb == NULL || w->held == NULL || w->free_slots == NULL || w->peer_ring == NULL ||
+        (w->exc_port != NULL && w->health_steer == NULL)) {
         pylb_worker_destroy(w);
         return pylb_fail(PYLB_ENOMEM, "worker: out of memory");
     }
@@ -549,6 +618,7 @@ PYLB_API void pylb_worker_destroy(struct pylb_worker *w)
     free(w->be_bytes);
     free(w->be_new);
     free(w->be_tx);
+    free(w->health_steer);
     rte_free(w->txb);
     rte_free(w);
 }

@@ -53,6 +53,7 @@ struct pylb_worker {
     uint64_t *be_new;            /* new flows (as st.fwd_new counts them) per backend id */
     struct backend_tx *be_tx;    /* per backend id: MAC and headers, as last prepared */
     uint32_t n_be;
+    uint32_t *health_steer;      /* [family 4, 6][local port]: backend id + 1, 0 = none */
     struct pylb_stats st;
 };
 

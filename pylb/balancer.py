@@ -17,7 +17,8 @@ from pylb import config as config_mod
 from pylb.config import Config
 from pylb.dataplane import BackendRegistry, Dataplane
 from pylb.errors import ConfigError
-from pylb.flow_cache import FlowCache, Timeouts
+from pylb.flow_cache import COUNTED_BACKENDS, FlowCache, Timeouts
+from pylb.flow_id import flow_label
 from pylb.neigh import NeighborTable
 from pylb.port import Port
 from pylb.stats import Stats
@@ -42,6 +43,7 @@ class BackendCount:
     packets: int
     bytes: int
     new_flows: int
+    active_flows: int | None   # flows cached for it now; None: id past the counted ones
 
 
 class Balancer:
@@ -101,16 +103,21 @@ class Balancer:
                                     pci=pci, extra=b.dpdk.eal_args)
             self.eal = eal_mod.Eal(args)
             self._closers.append(self.eal.close)
-        # The TAP first: closed after the data port, whose TX may still hold
-        # mbufs of the TAP's pool (kernel to wire) until it stops.
-        self.exception_port = None
-        if b.data.exception.policy == "tap":
-            name = b.data.exception.tap_name
-            self.exception_port = Port(f"net_tap_{name},iface={name}", mbufs=2047)
-            self._closers.append(self.exception_port.close)
         self.port = Port(b.data.device, rx_desc=b.data.rx_desc, tx_desc=b.data.tx_desc,
                          mbufs=b.data.mbufs, promiscuous=b.data.promiscuous)
+        port_closer = len(self._closers)
         self._closers.append(self.port.close)
+        self.exception_port = None
+        if b.data.exception.policy == "tap":
+            # The kernel's interface takes the data port's MAC, as a KNI does:
+            # it accepts the frames the wire addressed to the balancer, and
+            # what it sends names the balancer's MAC.
+            name = b.data.exception.tap_name
+            self.exception_port = Port(f"net_tap_{name},iface={name},mac={self.port.mac}",
+                                       mbufs=2047)
+            # Closed after the data port, whose TX may still hold mbufs of
+            # the TAP's pool (kernel to wire) until it stops.
+            self._closers.insert(port_closer, self.exception_port.close)
         t = b.timeouts
         self.cache = FlowCache(b.flow_cache.capacity,
                                Timeouts(*(int(x) for x in t.as_ms())))
@@ -445,9 +452,9 @@ class Balancer:
         return snap
 
     def snapshot(self) -> dict:
-        from pylb.flow_cache import now_ms
         stats = self.stats()
         counts = self.worker.backend_counts()
+        active = self.cache.active_flows(len(self.dataplane.backends))
         dp = self.dataplane
         configured = {(v.name, b.name): b.weight for v in self.configured.vips for b in v.backends}
         buckets = self._buckets_by_backend()
@@ -462,7 +469,8 @@ class Balancer:
                 "health": health if ref.active else "removed", "drained": key in self.drained,
                 "buckets": buckets.get(ref.id, 0),
                 "packets": counts[ref.id][0], "bytes": counts[ref.id][1],
-                "new_flows": counts[ref.id][2]})
+                "new_flows": counts[ref.id][2],
+                "active_flows": _counted(active.per_backend, ref.id)})
         vips = [{"name": v.name, "address": str(v.address), "protocol": v.protocol,
                  "port": v.port or "all", "encap": v.encap.type, "table_size": v.table_size,
                  "moved_buckets_in_force": v.name in dp.history,
@@ -486,7 +494,8 @@ class Balancer:
                          "polls": stats.polls, "idle_sleeps": stats.idle_sleeps}],
             "stats": dataclasses.asdict(stats), "drops": stats.drops(),
             "punts": dict(self.verdicts_by_reason),
-            "active_flows": self.cache.count(now_ms()),
+            # From the cache's counters, not a scan of it (docs/flow-cache.md).
+            "active_flows": active.total,
             "cluster": None,
             "drain": dict(self.drain_state) if self.drain_state else None,
         }
@@ -522,7 +531,7 @@ class Balancer:
         balancer's cached entry, the owner's store, owner and backup."""
         from pylb.flow_cache import now_ms
         c = self.dataplane.classify(key)
-        out = {"flow": str(key), "flow_id": f"0x{c.flow_id:016x}", "vip": c.vip}
+        out = {"flow": str(key), "flow_id": flow_label(c.flow_id), "vip": c.vip}
         if c.vip is None:
             return out
         ref = lambda r: {"backend": r.name, "address": str(r.address)} if r else None  # noqa: E731
@@ -652,9 +661,12 @@ class Balancer:
 
     def backend_counts(self, active_only: bool = False) -> list[BackendCount]:
         """Packets, bytes and new flows per (VIP, backend) since start (ids are
-        stable, so counts survive reconfiguration)."""
+        stable, so counts survive reconfiguration), and the flows cached for
+        each now."""
         counts = self.worker.backend_counts()
-        return [BackendCount(ref.vip, ref.name, str(ref.address), *counts[ref.id])
+        active = self.cache.active_flows(len(self.dataplane.backends)).per_backend
+        return [BackendCount(ref.vip, ref.name, str(ref.address), *counts[ref.id],
+                             _counted(active, ref.id))
                 for ref in self.dataplane.backends if ref.active or not active_only]
 
     def close(self) -> None:
@@ -670,3 +682,9 @@ class Balancer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _counted(per_backend: list[int], backend_id: int) -> int | None:
+    """A backend's active flows, or None for an id the cache does not count
+    apart (PYLB_FLOW_CACHE_COUNTED_BACKENDS)."""
+    return per_backend[backend_id] if backend_id < COUNTED_BACKENDS else None

@@ -84,7 +84,7 @@ def which(config_file: str, flow: str, as_json: bool) -> None:
     """Prints the flow id, bucket and backend of FLOW, e.g.
     'tcp 198.51.100.7:40000 -> 192.0.2.10:80'."""
     from pylb.dataplane import Dataplane
-    from pylb.flow_id import FlowKey
+    from pylb.flow_id import FlowKey, flow_label
     from pylb.ownership import Ownership
     cfg = _load(config_file)
     try:
@@ -104,7 +104,7 @@ def which(config_file: str, flow: str, as_json: bool) -> None:
     if c.vip is not None:
         own = Ownership(members or [cfg.balancer.name], cfg.find_vip(c.vip).table_size)
         owner, backup = own.owners(c.bucket)
-    result = {"flow": str(key), "flow_id": f"0x{c.flow_id:016x}", "vip": c.vip,
+    result = {"flow": str(key), "flow_id": flow_label(c.flow_id), "vip": c.vip,
               "bucket": c.bucket if c.vip else None,
               "backend": c.current.name if c.current else None,
               "backend_address": str(c.current.address) if c.current else None,

@@ -25,7 +25,7 @@ from pylb._ffi import ffi, lib
 from pylb.dataplane import NO_BACKEND, Classification
 from pylb.errors import Full, PylbError
 from pylb.flow_cache import TimeoutClass, now_ms
-from pylb.flow_id import FlowKey
+from pylb.flow_id import FlowKey, flow_label
 from pylb.ownership import Ownership
 from pylb.peer import MessageType, StateRecord
 from pylb.state_store import StateStore
@@ -282,7 +282,8 @@ class ClusterNode:
                 self.counters["requests_sent"] += 1
                 return True
             except Exception as exc:  # unreachable next hop: try the backup
-                log.debug("state request not sent", target=target, error=str(exc))
+                log.debug("state request not sent", target=target, error=str(exc),
+                          flow=str(pend.key), flow_id=flow_label(pend.flow_id))
                 pend.targets.pop(0)
         return False
 
@@ -297,6 +298,10 @@ class ClusterNode:
         holders = self.holders(self._table_size(c.vip), c.bucket) if c else []
         rec = self._decide_as_owner(pend.key, pend.flow_id, pend.key.proto == UDP, holders,
                                     record=self.name in holders) if c else None
+        # Per flow, not per packet; debug, as an outage makes one for every flow.
+        log.debug("owner and backup unreachable: decided here", flow=str(pend.key),
+                  flow_id=flow_label(pend.flow_id),
+                  backend=None if rec is None else str(rec.backend))
         if rec is None:
             return Verdict(slot, Action.DROP) if slot is not None else None
         backend = self._backend_id(c.vip, rec.backend)
@@ -315,7 +320,8 @@ class ClusterNode:
             self.counters["forwarded_for_peers"] += 1
         except Exception as exc:
             self.counters["forward_for_peer_failed"] += 1
-            log.warning("could not forward a packet", error=str(exc), flow=str(key))
+            log.warning("could not forward a packet", error=str(exc), flow=str(key),
+                        flow_id=flow_label(flow_id))
 
     # ------------------------------------------------------------ peer datagrams
 
@@ -457,8 +463,34 @@ class ClusterNode:
                     self.store.refresh(rec)
                 elif self.store.is_stale(rec):
                     self.peer_stats.count("stale")
+                elif (msg.type == MessageType.STATE_PUSH
+                      and msg.view.member_hash != self.view.member_hash):
+                    if self._pass_on_and_keep(sender, rec):
+                        self.store.put(rec)
                 else:
                     self.store.put(rec)
+
+    def _pass_on_and_keep(self, sender: str, rec: StateRecord) -> bool:
+        """A push from a balancer with another set of members (it has not
+        heard of a change yet, or the push was on its way while ownership
+        moved, after this balancer's handoff): it went to the holders of the
+        sender's view, so the state goes on to those of this balancer's view
+        as a handoff, and never further (a handoff is not passed on: one
+        hop). A copy stays here if this balancer holds the bucket, or while
+        its transition lasts, as handed-off copies do. Returns whether to
+        keep the record."""
+        c = self._classify(_key_from_bytes(rec.key))
+        holders = self.holders(self._table_size(c.vip), c.bucket)
+        others = [h for h in holders if h not in (self.name, sender)]
+        for holder in others:
+            self._queue(holder, rec, MessageType.HANDOFF)
+        self.counters["pushes_passed_on"] += bool(others)
+        if self.name in holders:
+            return True
+        if not self._in_transition():
+            return False
+        self._leaving.append(rec.key)
+        return True
 
     def _accept(self, rec: StateRecord) -> bool:
         """Rule 5 of the protocol: the backend must belong to the flow's VIP."""

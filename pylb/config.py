@@ -143,6 +143,14 @@ class Metrics(Strict):
 
 class HealthLimits(Strict):
     max_concurrent: int = Field(32, ge=1, le=4096)
+    route_table: int = Field(4242, ge=1, le=0xFFFFFFFF - 1)   # for `via: vip` checks
+
+    @field_validator("route_table")
+    @classmethod
+    def _not_a_kernel_table(cls, v: int) -> int:
+        if v in (253, 254, 255):
+            raise ValueError(f"{v} is the kernel's default, main or local table")
+        return v
 
 
 class Drain(Strict):
@@ -194,7 +202,7 @@ class Backend(Strict):
 
 
 class HealthCheck(Strict):
-    """A VIP's backend checks (pylb/health.py, docs/health.md)."""
+    """A VIP's backend checks (pylb/health.py, docs/operations.md)."""
 
     type: Literal["tcp", "http", "https"] = "tcp"
     port: Optional[int] = Field(None, ge=1, le=65535)
@@ -205,7 +213,7 @@ class HealthCheck(Strict):
     timeout: float = Field(1.0, gt=0, le=600)
     rise: int = Field(2, ge=1, le=100)
     fall: int = Field(3, ge=1, le=100)
-    via: Literal["direct"] = "direct"
+    via: Literal["direct", "vip"] = "direct"
     tls_verify: bool = False
 
     @field_validator("expect_status", mode="before")
@@ -335,6 +343,19 @@ class Config(Strict):
                     raise ValueError(f"cluster.balancers: {m.name} is IPv{m.address.version} but "
                                      f"this balancer has no IPv{m.address.version} data address")
         for vip in self.vips:
+            if vip.health is not None and vip.health.via == "vip":
+                if data.exception.policy != "tap":
+                    raise ValueError(f"VIP {vip.name}: health checks via the VIP need "
+                                     "balancer.data.exception.policy tap")
+                family = vip.address.version
+                if (data.address_v4 if family == 4 else data.address_v6) is None:
+                    raise ValueError(f"VIP {vip.name}: health checks via the VIP need "
+                                     f"balancer.data.address_v{family} (their source)")
+                # The worker steers a check only to a TCP VIP at the check's port.
+                port = vip.health.port or vip.port
+                if not (self.vip_at(vip.address, 6, port) or self.vip_at(vip.address, 6, 0)):
+                    raise ValueError(f"VIP {vip.name}: a health check via the VIP connects to "
+                                     f"TCP port {port} of {vip.address}, where no TCP VIP is")
             for backend in vip.backends:
                 family = backend.address.version
                 if family == 4 and data.address_v4 is None:

@@ -198,7 +198,24 @@ def check_memlock(host: Host, cfg: Config) -> Finding:
     return Finding("memlock", OK, "vfio may lock the memory it needs")
 
 
-CHECKS = (check_hugepages, check_nic, check_iommu, check_cores, check_mtu, check_memlock)
+def check_health_path(host: Host, cfg: Config) -> Finding:
+    """Checks `via: vip` get their answers from the TAP, from a VIP the host
+    routes elsewhere: strict reverse-path filtering drops them."""
+    vips = [v.name for v in cfg.vips
+            if v.health is not None and v.health.via == "vip" and v.address.version == 4]
+    if not vips:
+        return Finding("health_path", OK, "not needed: no IPv4 VIP is checked via the VIP")
+    mode = (host.read("/proc/sys/net/ipv4/conf/all/rp_filter") or "").strip()
+    if mode == "1":
+        return Finding("health_path", FAIL, "net.ipv4.conf.all.rp_filter is 1 (strict): the "
+                       f"answers to checks via the VIP ({', '.join(vips)}) would be dropped",
+                       "sysctl -w net.ipv4.conf.all.rp_filter=2 (loose), and in /etc/sysctl.d/")
+    return Finding("health_path", OK, f"rp_filter {mode or 'unknown'} lets the answers to checks "
+                   "via the VIP in")
+
+
+CHECKS = (check_hugepages, check_nic, check_iommu, check_cores, check_mtu, check_memlock,
+          check_health_path)
 
 
 def examine(cfg: Config, root: str | os.PathLike = "/") -> list[Finding]:

@@ -21,6 +21,7 @@ from pylb.errors import InvalidArgument, StateError
 KEY_SIZE = 40
 WAYS = lib.PYLB_FLOW_CACHE_WAYS
 LOOKUP_BURST_MAX = lib.PYLB_LOOKUP_BURST_MAX
+COUNTED_BACKENDS = lib.PYLB_FLOW_CACHE_COUNTED_BACKENDS
 EXPORT_CHUNK = 4096
 _U32 = 0xFFFFFFFF
 
@@ -56,6 +57,16 @@ class CacheEntry:
     backend: int
     idle_ms: int      # since the flow was last seen
     timeout_class: TimeoutClass
+
+
+@dataclasses.dataclass(frozen=True)
+class ActiveFlows:
+    """The entries a cache holds, from its counters (pylb_flow_cache_active_flows):
+    per_backend[id] for the ids asked (ids from COUNTED_BACKENDS on read 0;
+    `total` counts them). Timed-out entries count until age() frees them."""
+
+    per_backend: list[int]
+    total: int
 
 
 def now_ms() -> int:
@@ -231,6 +242,15 @@ class FlowCache:
     def count(self, now_ms: int) -> int:
         """Live flows (a full scan)."""
         return lib.pylb_flow_cache_count(self._c(), now_ms & _U32)
+
+    def active_flows(self, n_backends: int) -> ActiveFlows:
+        """Entries held per backend id 0 .. n_backends-1 and in all, from the
+        counters every write keeps (no scan of the entries)."""
+        per = ffi.new("uint64_t[]", max(n_backends, 1))
+        total = ffi.new("uint64_t *")
+        check(lib.pylb_flow_cache_active_flows(self._c(), per, n_backends, total),
+              "flow cache active flows")
+        return ActiveFlows(list(per[0:n_backends]), total[0])
 
     @property
     def sets(self) -> int:

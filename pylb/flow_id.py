@@ -160,3 +160,8 @@ def native_flow_id(key: FlowKey, seed: int) -> int:
     ip_to_c(key.dst, c_key.dst)
     c_key.sport, c_key.dport, c_key.proto = key.sport, key.dport, key.proto
     return int(lib.pylb_flow_id(c_key, seed))
+
+
+def flow_label(flow_id: int) -> str:
+    """How a flow id is written in logs and answers: 0x and 16 hex digits."""
+    return f"0x{flow_id:016x}"

@@ -1,4 +1,4 @@
-"""Backend health checks (docs/health.md): TCP connect, or an HTTP(S) GET that
+"""Backend health checks (docs/operations.md): TCP connect, or an HTTP(S) GET that
 must answer an expected status, per backend of every VIP with a `health`
 section; interval, timeout, rise and fall; first checks spread over the
 interval; at most balancer.health.max_concurrent checks in flight.
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from pylb.config import Config, HealthCheck
+from pylb.health_steer import HealthSteering, SteeringError
 
 log = structlog.get_logger("pylb.health")
 MAX_STATUS_LINE = 1024
@@ -32,6 +33,8 @@ class Target:
     address: str
     port: int
     check: HealthCheck
+    vip_address: str = ""                # where a `via: vip` check connects
+    backend_id: int | None = None        # the balancer's id, that steers a `via: vip` check
 
     @property
     def key(self) -> tuple[str, str]:
@@ -53,14 +56,20 @@ class TargetState:
     changed_at: float = field(default_factory=time.time)
 
 
-def targets_of(config: Config) -> dict[tuple[str, str], Target]:
+def targets_of(config: Config, registry=None) -> dict[tuple[str, str], Target]:
+    """Every backend check of config; registry (the balancer's backend ids)
+    gives `via: vip` checks the id their connection is steered to."""
     out = {}
     for vip in config.vips:
         if vip.health is None:
             continue
         port = vip.health.port or vip.port
         for b in vip.backends:
-            t = Target(vip.name, b.name, str(b.address), port, vip.health)
+            backend_id = None
+            if vip.health.via == "vip" and registry is not None:
+                backend_id = registry.id_for(vip.name, b.name, b.address)
+            t = Target(vip.name, b.name, str(b.address), port, vip.health, str(vip.address),
+                       backend_id)
             out[t.key] = t
     return out
 
@@ -69,7 +78,29 @@ class CheckFailed(Exception):
     pass
 
 
-async def check_once(t: Target) -> None:
+async def _connect(t: Target, tls, steering: HealthSteering | None):
+    """(reader, writer, release): a connection to the backend, direct or
+    through the VIP; release() ends its steering once it is closed."""
+    if t.check.via == "direct":
+        reader, writer = await asyncio.open_connection(t.address, t.port, ssl=tls)
+        return reader, writer, lambda: None
+    if steering is None or t.backend_id is None:
+        raise CheckFailed("no path through the VIP (see the balancer's log)")
+    loop = asyncio.get_running_loop()
+    sock, key = steering.open_socket(t.vip_address, t.backend_id)
+    release = lambda: steering.release(key, sock, loop)  # noqa: E731
+    try:
+        await loop.sock_connect(sock, (t.vip_address, t.port))
+        reader, writer = await asyncio.open_connection(
+            sock=sock, ssl=tls, server_hostname=(t.check.host or t.vip_address) if tls else None)
+    except BaseException:
+        sock.close()
+        release()
+        raise
+    return reader, writer, release
+
+
+async def check_once(t: Target, steering: HealthSteering | None = None) -> None:
     """One check; returns when it passes, raises CheckFailed (or a timeout)
     saying why it did not."""
     c = t.check
@@ -82,13 +113,29 @@ async def check_once(t: Target) -> None:
             tls.check_hostname = False
             tls.verify_mode = ssl.CERT_NONE
     try:
-        reader, writer = await asyncio.open_connection(t.address, t.port, ssl=tls)
+        reader, writer, release = await _connect(t, tls, steering)
     except OSError as err:
         raise CheckFailed(f"connect: {err.strerror or err}") from None
     try:
+        await _converse(t, reader, writer)
+    finally:
+        try:
+            writer.close()
+            await writer.wait_closed()
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            release()
+
+
+async def _converse(t: Target, reader, writer) -> None:
+    """What a check says and wants on an open connection."""
+    c = t.check
+    try:
         if c.type == "tcp":
             return
-        host = c.host or (f"[{t.address}]" if ":" in t.address else t.address)
+        to = t.vip_address if c.via == "vip" else t.address
+        host = c.host or (f"[{to}]" if ":" in to else to)
         writer.write(f"GET {c.path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: pylb-health\r\n"
                      "Connection: close\r\n\r\n".encode())
         await writer.drain()
@@ -103,12 +150,6 @@ async def check_once(t: Target) -> None:
             raise CheckFailed(f"HTTP {status}, expected {'/'.join(map(str, c.expect_status))}")
     except OSError as err:
         raise CheckFailed(f"{c.type}: {err.strerror or err}") from None
-    finally:
-        writer.close()
-        try:
-            await writer.wait_closed()
-        except (OSError, ssl.SSLError):
-            pass
 
 
 class HealthChecker:
@@ -123,6 +164,7 @@ class HealthChecker:
         self.states: dict[tuple[str, str], TargetState] = {}
         self._targets: dict[tuple[str, str], Target] = {}
         self._tasks: dict[tuple[str, str], asyncio.Task] = {}
+        self.steering: HealthSteering | None = None   # for `via: vip` checks
         self._loop = asyncio.new_event_loop()
         limit = lb.configured.balancer.health.max_concurrent
         self._slots = asyncio.Semaphore(limit)
@@ -139,10 +181,32 @@ class HealthChecker:
     def update(self, config: Config) -> None:
         """Follows a new configuration: checks start, stop or change; a
         backend whose check is unchanged keeps its state."""
-        targets = targets_of(config)
-        self._loop.call_soon_threadsafe(self._apply, targets)
+        targets = targets_of(config, getattr(self.lb, "registry", None))
+        self._loop.call_soon_threadsafe(self._apply, targets, config)
 
-    def _apply(self, targets: dict) -> None:
+    def _prepare_vip_path(self, config: Config) -> None:
+        """Readies the exception TAP for the VIPs checked `via: vip`. When it
+        cannot, their checks fail (so the VIPs' backends fall, and the
+        tables' fail-open rule applies) and the log says why."""
+        vips = {str(v.address) for v in config.vips if v.health and v.health.via == "vip"}
+        if not vips and self.steering is None:
+            return
+        try:
+            if self.steering is None:
+                if getattr(self.lb, "exception_port", None) is None:
+                    raise SteeringError("the balancer has no exception TAP")
+                b = config.balancer
+                self.steering = HealthSteering(self.lb.worker, b.data.exception.tap_name,
+                                               self.lb.port.mac, b.health.route_table,
+                                               b.data.address_v4, b.data.address_v6)
+            self.steering.prepare(vips)
+        except SteeringError as err:
+            log.error("health checks via the VIP cannot run", vips=sorted(vips), error=str(err))
+
+    def _apply(self, targets: dict, config: Config) -> None:
+        # Here, on the checks' thread: the `ip` commands it may run must not
+        # hold up the control loop, which polls the data port.
+        self._prepare_vip_path(config)
         carried = {}
         for key in list(self._tasks):
             if targets.get(key) != self._targets.get(key):
@@ -170,7 +234,7 @@ class HealthChecker:
             started = time.monotonic()
             async with self._slots:
                 try:
-                    await asyncio.wait_for(check_once(t), c.timeout)
+                    await asyncio.wait_for(check_once(t, self.steering), c.timeout)
                     ok, error = True, None
                 except asyncio.TimeoutError:
                     ok, error = False, f"no answer within {c.timeout} s"
@@ -227,6 +291,8 @@ class HealthChecker:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
             self._loop.close()
+        if self.steering is not None:
+            self.steering.close()
         for hooks, fn in ((self.lb.on_reconfigure, self.update),
                           (self.lb.snapshot_extras, self._add_to_snapshot)):
             if fn in hooks:

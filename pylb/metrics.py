@@ -4,7 +4,8 @@ Metrics are read from the snapshot the control loop publishes every second
 (Balancer.latest_snapshot), never from the worker: a scrape costs the data
 path nothing, and a value is at most a second old. Counters of the worker
 only grow (they count since start, and backend ids are stable), so they are
-exported as Prometheus counters.
+exported as Prometheus counters. Active flows are gauges: the flow cache's
+own counters, kept as entries are cached and freed.
 """
 from __future__ import annotations
 
@@ -89,6 +90,13 @@ class SnapshotCollector:
         yield _counter("pylb_vip_new_flows", "New flows (TCP SYN, first UDP datagram) "
                        "forwarded by the current table, per VIP.", ["vip"],
                        [((v,), pb[2]) for v, pb in per_vip.items()])
+        # Backends a reload removed keep flows until they end: every row counts.
+        counted = [r for r in rows if r["active_flows"] is not None]
+        active_per_vip = {v["name"]: 0 for v in snap["vips"]}
+        for r in counted:
+            active_per_vip[r["vip"]] = active_per_vip.get(r["vip"], 0) + r["active_flows"]
+        yield _gauge("pylb_vip_active_flows", "Flows in the flow cache now, per VIP.", ["vip"],
+                     [((v,), n) for v, n in active_per_vip.items()])
         yield _gauge("pylb_stateful_buckets", "Buckets a backend change in force moved.",
                      ["vip"], [((v["name"],), v["stateful_buckets"]) for v in snap["vips"]])
         key = lambda r: (r["vip"], r["backend"])  # noqa: E731
@@ -99,6 +107,8 @@ class SnapshotCollector:
         yield _counter("pylb_backend_new_flows", "New flows forwarded by the current table, "
                        "per backend.", ["vip", "backend"],
                        [(key(r), r["new_flows"]) for r in rows])
+        yield _gauge("pylb_backend_active_flows", "Flows in the flow cache now, per backend.",
+                     ["vip", "backend"], [(key(r), r["active_flows"]) for r in counted])
         live = [r for r in rows if r["active"]]
         yield _gauge("pylb_backend_up", "1: passes its health checks (or has none); 0: failing.",
                      ["vip", "backend"], [(key(r), int(r["health"] == "up")) for r in live])
@@ -130,6 +140,11 @@ class SnapshotCollector:
                        [((r.removeprefix("drop_"),), s[r]) for r in DROP_REASONS])
         yield _counter("pylb_transmitted_packets", "Frames given to the port, by result.",
                        ["result"], [(("ok",), s["tx_ok"]), (("dropped",), s["tx_dropped"])])
+        yield _counter("pylb_tap_packets", "Frames the kernel sent through the exception TAP, by "
+                       "outcome (health checks via the VIP: steered or not sent).", ["outcome"],
+                       [(("to_wire",), s["tap_to_wire"]),
+                        (("health_steered",), s["health_steered"]),
+                        (("health_steer_failed",), s["health_steer_failed"])])
 
     @staticmethod
     def _cluster(c):
@@ -143,6 +158,9 @@ class SnapshotCollector:
                        ["kind"], [((k,), n.get(v, 0)) for k, v in STATE_SENT.items()])
         yield _counter("pylb_handoff_records", "Flow-state records handed to new holders when "
                        "ownership moved.", rows=[((), n.get("handoff_records", 0))])
+        yield _counter("pylb_state_passed_on", "Pushed flow-state records passed on to the "
+                       "holders of this balancer's view (the sender had another member set).",
+                       rows=[((), n.get("pushes_passed_on", 0))])
         yield _counter("pylb_state_pushed_after_change", "Flows of moved buckets whose state this "
                        "balancer pushed to their owners after a backend change.",
                        rows=[((), n.get("pushed_after_change", 0))])

@@ -46,6 +46,12 @@ def summary(stats: Stats, backend_counts, punts: dict[str, int] | None = None,
                 ["to the kernel (exception TAP)", stats.exception_tap],
                 ["dropped", stats.drop_total]]
     out += ["", "Outcomes", table(["outcome", "packets"], outcomes)]
+    if stats.tap_to_wire or stats.health_steered or stats.health_steer_failed:
+        out += ["", "From the kernel (exception TAP)",
+                table(["outcome", "packets"], [["to the wire", stats.tap_to_wire],
+                                               ["health checks to backends", stats.health_steered],
+                                               ["health checks not sent",
+                                                stats.health_steer_failed]])]
     drops = stats.drops()
     out += ["", "Drops by reason", table(["reason", "packets"], [[k, v] for k, v in drops.items()])
             if drops else "(none)"]
@@ -79,10 +85,12 @@ def backends(rows: list[dict]) -> str:
     out = []
     for r in rows:
         state = r["health"] + (", drained" if r["drained"] else "")
+        active = r["active_flows"]
         out.append([r["vip"], r["backend"], r["address"], r["weight"], r["effective_weight"],
-                    state, r["buckets"], r["packets"], r["bytes"]])
-    return table(["vip", "backend", "address", "weight", "in use", "state", "buckets", "packets",
-                  "bytes"], out)
+                    state, r["buckets"], active if active is not None else "-", r["packets"],
+                    r["bytes"]])
+    return table(["vip", "backend", "address", "weight", "in use", "state", "buckets", "flows",
+                  "packets", "bytes"], out)
 
 
 def status(snap: dict) -> str:

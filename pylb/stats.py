@@ -8,7 +8,7 @@ from pylb._ffi import ffi
 DROP_REASONS = ("drop_parse_truncated", "drop_parse_bad", "drop_not_ip", "drop_no_vip",
                 "drop_no_backend", "drop_no_neighbor", "drop_too_big", "drop_encap",
                 "drop_icmp", "drop_arp_other", "drop_exception", "drop_verdict",
-                "drop_peer_ring_full")
+                "drop_peer_ring_full", "drop_local")
 FORWARDED = ("fwd_cache_hit", "fwd_new", "fwd_table", "fwd_fragment", "fwd_verdict")
 
 
@@ -38,7 +38,10 @@ class Stats:
     neigh_requests: int = 0
     icmp_too_big_sent: int = 0
     exception_tap: int = 0
+    tap_rx: int = 0
     tap_to_wire: int = 0
+    health_steered: int = 0
+    health_steer_failed: int = 0
     drop_total: int = 0
     drop_parse_truncated: int = 0
     drop_parse_bad: int = 0
@@ -53,6 +56,7 @@ class Stats:
     drop_exception: int = 0
     drop_verdict: int = 0
     drop_peer_ring_full: int = 0
+    drop_local: int = 0
     cache_insert: int = 0
     cache_full: int = 0
     tx_ok: int = 0
@@ -89,7 +93,9 @@ class Stats:
             "drop_verdict == verdict_drop": s.drop_verdict == s.verdict_drop,
             "tx == forwarded + replies": s.tx_ok + s.tx_dropped == (
                 s.forwarded + s.fwd_for_peer + s.peer_sent + s.arp_replied + s.nd_replied
-                + s.neigh_requests + s.tap_to_wire + s.icmp_too_big_sent),
+                + s.neigh_requests + s.tap_to_wire + s.health_steered + s.icmp_too_big_sent),
+            "tap_rx == tap outcomes": s.tap_rx == (s.tap_to_wire + s.health_steered
+                                                   + s.health_steer_failed),
         }
         return [name for name, ok in checks.items() if not ok]
 

@@ -7,7 +7,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from pylb._ffi import check, ffi, ip_from_c, ip_to_c, lib
-from pylb.dataplane import Dataplane
+from pylb.dataplane import NO_BACKEND, Dataplane
 from pylb.stats import Stats
 
 NO_SLOT = 0xFFFFFFFF
@@ -163,6 +163,15 @@ class Worker:
         ip = ffi.new("struct pylb_ip *")
         ip_to_c(address, ip)
         check(lib.pylb_worker_solicit(self.handle, ip), f"soliciting {address}")
+
+    def steer_health(self, family: int, port: int, backend: int | None) -> None:
+        """While steered, the kernel's TCP from local `port` (family 4 or 6) to
+        a VIP through the exception TAP goes to `backend` (an id),
+        encapsulated: a health check that takes the traffic's path. None
+        ends it. Callable from any thread of this process."""
+        check(lib.pylb_worker_steer_health(self.handle, family, port,
+                                           NO_BACKEND if backend is None else backend),
+              "steering a health check")
 
     def age_cache(self, max_sets: int = 4096) -> int:
         freed = ffi.new("uint64_t *")

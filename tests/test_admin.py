@@ -125,6 +125,7 @@ def test_status_human_and_json(running):
     assert snap["balancer"]["name"] == "lb-pcap"
     assert snap["stats"]["rx"] == 3 * FLOWS     # the capture was forwarded at start
     assert snap["active_flows"] == FLOWS
+    assert sum(b["active_flows"] for b in snap["backends"]) == FLOWS   # no other ids here
     assert {b["backend"] for b in snap["backends"]} >= {"web-1", "dns-2", "web6-2"}
     assert sum(b["packets"] for b in snap["backends"]) == 3 * FLOWS
     assert snap["workers"][0]["polls"] > 0
@@ -151,7 +152,9 @@ def test_backends_lists_weights_health_and_traffic(running):
     assert sum(r["buckets"] for r in rows) == 65537
     assert all(r["health"] == "up" for r in rows)
     human = running.cli("backends").stdout
-    assert "web6-2" in human and "buckets" in human
+    assert "web6-2" in human and "buckets" in human and "flows" in human
+    every = running.json("backends")["backends"]
+    assert sum(r["active_flows"] for r in every) == running.json("status")["active_flows"]
     bad = running.cli("backends", "--vip", "nope", check=False)
     assert bad.returncode != 0 and "no VIP named 'nope'" in bad.stderr
 
@@ -254,6 +257,14 @@ def test_metrics_are_scraped_and_agree_with_status(running):
             row["packets"]
         assert value("pylb_backend_new_flows_total", vip=row["vip"],
                      backend=row["backend"]) == row["new_flows"]
+    active_per_vip = {v["name"]: 0 for v in snap["vips"]}
+    for row in snap["backends"]:
+        assert value("pylb_backend_active_flows", vip=row["vip"], backend=row["backend"]) == \
+            row["active_flows"]
+        active_per_vip[row["vip"]] += row["active_flows"]
+    for vip, n in active_per_vip.items():
+        assert value("pylb_vip_active_flows", vip=vip) == n
+    assert sum(active_per_vip.values()) == value("pylb_active_flows") == FLOWS
     new_per_vip = sum(s.value for s in samples if s.name == "pylb_vip_new_flows_total")
     assert new_per_vip == snap["stats"]["fwd_new"] > 0
     for v in snap["vips"]:

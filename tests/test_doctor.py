@@ -101,6 +101,25 @@ def test_an_af_packet_port_checks_the_interface_mtu(tmp_path):
     assert got["nic"]["status"] == "ok" and got["iommu"]["status"] == "ok"
 
 
+@pytest.mark.parametrize("rp_filter, status", [("1", "FAIL"), ("2", "ok"), ("0", "ok")])
+def test_checks_via_the_vip_need_a_reverse_path_filter_that_lets_answers_in(tmp_path, rp_filter,
+                                                                          status):
+    cfg = config(tmp_path)
+    data = yaml.safe_load(cfg.read_text())
+    data["balancer"]["data"]["exception"] = {"policy": "tap"}
+    data["vips"][0]["health"] = {"type": "tcp", "via": "vip"}
+    cfg.write_text(yaml.safe_dump(data))
+    root = host(tmp_path, driver="vfio-pci", iommu_groups=1, isolated="2")
+    conf = root / "proc" / "sys" / "net" / "ipv4" / "conf" / "all"
+    conf.mkdir(parents=True)
+    (conf / "rp_filter").write_text(rp_filter + "\n")
+    rc, got = doctor(cfg, root)
+    assert got["health_path"]["status"] == status, got["health_path"]
+    assert rc == (1 if status == "FAIL" else 0), got
+    if status == "FAIL":
+        assert "rp_filter=2" in got["health_path"]["fix"]
+
+
 def test_the_real_host_is_examined(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pylb.cli", "doctor", "--config",
                         str(ROOT / "examples" / "pcap.yaml")], capture_output=True, text=True,

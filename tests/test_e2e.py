@@ -149,7 +149,9 @@ class Summary:
     @classmethod
     def parse(cls, text: str) -> Summary:
         summary, section = cls(text), None
-        sections = ("Per VIP", "Per backend", "Outcomes", "Drops by reason", "Handed to Python")
+        sections = ("Per VIP", "Per backend", "Outcomes", "From the kernel (exception TAP)",
+                    "Drops by reason", "Handed to Python",
+                    "Data port (the driver's own counters)")
         for line in text.splitlines():
             if line in sections:
                 section = line
@@ -158,7 +160,7 @@ class Summary:
             numbers = [c for c in cells if c.isdigit()]
             if not numbers:  # headings, rulers, "(none)"
                 continue
-            if section == "Outcomes":
+            if section in ("Outcomes", "From the kernel (exception TAP)"):
                 summary.outcomes[cells[0]] = int(cells[1])
             elif section == "Drops by reason":
                 summary.drops[cells[0]] = int(cells[1])
@@ -231,7 +233,9 @@ def offloads_off(*ends: Interface) -> None:
         assert not on, f"{end}: offloads {on} stay on"
 
 
-def write_config(path: Path, device: str, tap_name: str | None) -> None:
+def write_config(path: Path, device: str, tap_name: str | None,
+                 health: dict | None = None) -> None:
+    """health: the `health` section of the web VIPs (none: no checks)."""
     backends4 = [{"name": name, "address": v4} for name, v4, _ in BACKENDS]
     backends6 = [{"name": name, "address": v6} for name, _, v6 in BACKENDS]
     encap = {"type": "vxlan", "vni": VNI, "inner_mac": VXLAN_MAC}
@@ -243,6 +247,7 @@ def write_config(path: Path, device: str, tap_name: str | None) -> None:
                      "mtu": AF_PACKET_MTU, "mbufs": 4095, "exception": exception},
             "flow_cache": {"capacity": 65536},
             "log": {"format": "json", "level": "info"},
+            "admin": {"socket": str(path.parent / "admin.sock")},
         },
         "vips": [
             {"name": "web", "address": VIP4, "port": HTTP_PORT, "encap": encap,
@@ -253,10 +258,15 @@ def write_config(path: Path, device: str, tap_name: str | None) -> None:
              "backends": backends6},
         ],
     }
+    if health is not None:
+        for vip in config["vips"]:
+            if vip["port"] == HTTP_PORT:
+                vip["health"] = health
     path.write_text(json.dumps(config, indent=1))  # JSON is YAML
 
 
-def build_lab(topology: Topology, tmp_path: Path, *, tap: bool = False) -> Lab:
+def build_lab(topology: Topology, tmp_path: Path, *, tap: bool = False,
+              health: dict | None = None) -> Lab:
     fabric = topology.namespace("fabric")
     fabric.ip("link", "add", "br0", "mtu", str(UNDERLAY_MTU), "type", "bridge")
     fabric.interface("br0").up()
@@ -307,7 +317,7 @@ def build_lab(topology: Topology, tmp_path: Path, *, tap: bool = False) -> Lab:
     tag = lb.name.split("-")[0]
     tap_name = f"{tag}x" if tap else None
     config = tmp_path / "lb.yaml"
-    write_config(config, f"net_af_packet_{tag},iface=eth0", tap_name)
+    write_config(config, f"net_af_packet_{tag},iface=eth0", tap_name, health)
     before = hugepage_files()
     balancer = lb.spawn_logged(PYTHON, "-u", "-m", "pylb.cli", "run", "--config", str(config),
                                cwd=ROOT, grace=STOP)
@@ -539,3 +549,64 @@ def test_sigterm_under_traffic_exits_clean_and_leaves_no_hugepage_file(make_lab)
     assert summary.count("received") > 0, said
     left = hugepage_files() - lab.hugepage_files_before
     assert not left, f"hugepage files left (hugepages={lab.started['hugepages']}): {left}"
+
+
+# ---------------------------------------------------------------- health checks via the VIP
+
+def backend_checks(lab: Lab, vip: str) -> dict[str, dict]:
+    """backend -> its health check's state, from the admin API."""
+    from pylb.admin import Client
+
+    rows = Client(str(lab.config.parent / "admin.sock")).request("GET", "/backends")["backends"]
+    return {row["backend"]: row.get("check") or {} for row in rows if row["vip"] == vip}
+
+
+def wait_checks(lab: Lab, vip: str, want: dict[str, bool], what: str) -> dict[str, dict]:
+    """Waits until each named backend's check is `up` as wanted, with at least
+    one check done since the wait began; returns the checks."""
+    begin = time.time()
+    deadline = time.monotonic() + 8 * WAIT
+    while True:
+        checks = backend_checks(lab, vip)
+        if all(checks.get(name, {}).get("up") == up and checks[name].get("last_ok") == up
+               and (checks[name].get("last_checked") or 0) > begin for name, up in want.items()):
+            return checks
+        assert time.monotonic() < deadline, f"{what}: {checks}\n{lab.post_mortem()}"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("vip_name, vip, vxlan", [("web", VIP4, "vx4"), ("web6", VIP6, "vx6")],
+                         ids=["ipv4", "ipv6"])
+def test_health_checks_via_the_vip_take_the_traffic_path(make_lab, vip_name, vip, vxlan):
+    """`health.via: vip`: the balancer's kernel connects to the VIP from its
+    data address and the balancer encapsulates the check to the backend under
+    check, as it does a client's connection. A backend whose service answers
+    but whose decapsulation is down fails its check (a direct check would not
+    see it) and returns once it is up again; the others pass throughout."""
+    health = {"type": "http", "via": "vip", "interval": 0.3, "timeout": 0.3, "rise": 1, "fall": 2}
+    lab = make_lab(tap=True, health=health)
+    names = [name for name, _, _ in BACKENDS]
+    wait_checks(lab, vip_name, {name: True for name in names}, "checks never passed")
+
+    broken = lab.backends["be2"]
+    broken.ip("link", "set", vxlan, "down")
+    # The service itself still answers on the backend.
+    local = broken.call(http.client.HTTPConnection, vip, HTTP_PORT, timeout=WAIT)
+    broken.call(local.request, "GET", "/")
+    assert broken.call(local.getresponse).status == 200
+    checks = wait_checks(lab, vip_name, {"be1": True, "be2": False, "be3": True},
+                         "be2 did not fail through the VIP")
+    assert checks["be2"]["last_error"], checks
+
+    broken.ip("link", "set", vxlan, "up")
+    wait_checks(lab, vip_name, {name: True for name in names}, "be2 did not come back")
+    # The kernel's own route to the VIPs is unchanged: only check sockets take the TAP.
+    family = f"-{6 if ':' in vip else 4}"
+    main = lab.lb.ip(family, "route", "show", "table", "main").splitlines()
+    assert not [route for route in main if route.startswith(vip)], main
+    assert lab.tap_name in lab.lb.ip(family, "route", "show", "table", "4242")
+
+    summary = lab.stopped_cleanly()
+    assert summary.count("health checks to backends") > 0, summary.text
+    assert not lab.lb.ip(family, "rule", "show", "lookup", "4242"), \
+        "the policy rule for check sockets outlived the balancer"

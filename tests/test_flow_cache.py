@@ -8,23 +8,28 @@ from __future__ import annotations
 import mmap
 import os
 import pathlib
+import random
 import shutil
 import struct
 import subprocess
 import threading
 import zlib
+from collections import Counter
 
 import pytest
 
 from pylb.errors import Full, InvalidArgument, StateError
-from pylb.flow_cache import (CacheEntry, FlowCache, TimeoutClass, Timeouts, WAYS,
-                             footprint_for)
+from pylb.flow_cache import (COUNTED_BACKENDS, ActiveFlows, CacheEntry, FlowCache, TimeoutClass,
+                             Timeouts, WAYS, footprint_for)
 
 TIMEOUTS = Timeouts(tcp=1000, tcp_closing=100, udp=500, other=200)
 TIMEOUT_OF = {TimeoutClass.TCP: 1000, TimeoutClass.TCP_CLOSING: 100,
               TimeoutClass.UDP: 500, TimeoutClass.OTHER: 200}
 FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
 HEADER = 128
+# Active-flow counters after the sets: 16 writer slots of one 32-bit counter
+# per counted backend id plus one for the others, padded to a line.
+COUNTERS = 16 * (COUNTED_BACKENDS + 16) * 4
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -113,7 +118,7 @@ def test_flow_id_selects_the_entry(cache):
 def test_capacity_rounds_up_to_a_power_of_two_number_of_sets(requested, capacity):
     with FlowCache(requested, TIMEOUTS) as c:
         assert c.capacity == capacity
-        assert c.footprint == footprint_for(requested) == HEADER + 64 * capacity
+        assert c.footprint == footprint_for(requested) == HEADER + 64 * capacity + COUNTERS
 
 
 # ------------------------------------------------------------------ burst lookup
@@ -327,6 +332,184 @@ def test_full_set_takes_flows_again_after_age(cache):
     assert cache.age(500, max_sets=cache.capacity) == WAYS
     cache.insert(key(99), ids[WAYS], 99, now_ms=500)
     assert cache.lookup(key(99), ids[WAYS], now_ms=500) == 99
+
+
+# ------------------------------------------------------------------ active flows
+
+def held_by_walk(cache: FlowCache) -> Counter:
+    """Entries in use per backend id, read from the table's memory by the
+    layout of docs/flow-cache.md (seq, backend, last_seen, used): the walk
+    the counters exist to avoid, done here only to check them."""
+    held: Counter = Counter()
+    for i in range(cache.capacity):
+        seq, backend, _, used = struct.unpack_from("=IIIB", cache.memory, HEADER + 64 * i)
+        assert seq % 2 == 0, "an entry is still held by a writer"
+        if used:
+            held[backend] += 1
+    return held
+
+
+def assert_counted_as_held(cache: FlowCache) -> None:
+    """The counters say what a walk of the entries finds, per backend and in all."""
+    held = held_by_walk(cache)
+    n = max(held, default=0) + 1
+    active = cache.active_flows(n)
+    assert Counter({b: k for b, k in enumerate(active.per_backend) if k}) == \
+        Counter({b: k for b, k in held.items() if b < COUNTED_BACKENDS})
+    assert active.total == sum(held.values())
+
+
+@pytest.fixture
+def shared():
+    """A cache whose memory a test can read (held_by_walk)."""
+    with FlowCache.in_shared_memory(64, TIMEOUTS) as c:
+        yield c
+
+
+def insert_all(cache, ids, backend, now, tclass=TimeoutClass.TCP):
+    for i in ids:
+        cache.insert(key(i), fid(i), backend, now_ms=now, timeout_class=tclass)
+
+
+def lookup_all(cache, ids, now, flags):
+    for i in ids:
+        cache.lookup(key(i), fid(i), now_ms=now, tcp_flags=flags)
+
+
+ACTIVE_STEPS = [
+    # (description, operation, active flows of backends 0, 1, 2 after it)
+    ("nothing cached", lambda c: None, [0, 0, 0]),
+    ("5 flows to backend 0", lambda c: insert_all(c, range(5), 0, 0), [5, 0, 0]),
+    ("3 to backend 1", lambda c: insert_all(c, range(5, 8), 1, 0), [5, 3, 0]),
+    ("a UDP flow to backend 2", lambda c: insert_all(c, [8], 2, 0, TimeoutClass.UDP), [5, 3, 1]),
+    ("a replace to another backend moves one", lambda c: insert_all(c, [0], 2, 0), [4, 3, 2]),
+    ("a replace to the same backend moves none", lambda c: insert_all(c, [0], 2, 0), [4, 3, 2]),
+    ("hits change nothing", lambda c: lookup_all(c, range(9), 0, ACK), [4, 3, 2]),
+    ("FIN and RST: closing, still cached", lambda c: (lookup_all(c, [1], 10, FIN),
+                                                      lookup_all(c, [5], 10, RST)), [4, 3, 2]),
+    ("a retransmitted SYN of an open flow", lambda c: lookup_all(c, [2], 10, SYN), [4, 3, 2]),
+    ("a SYN on a closed flow frees it", lambda c: lookup_all(c, [1], 20, SYN), [3, 3, 2]),
+    ("age before the closing timeout", lambda c: c.age(109, c.sets), [3, 3, 2]),
+    # Flow 5 timed out at 110 (closing, 100 ms): not live, but held until freed.
+    ("timed out, not yet freed", lambda c: c.count(110), [3, 3, 2]),
+    ("age frees the closed flow", lambda c: c.age(110, c.sets), [3, 2, 2]),
+    ("an insert over a timed-out copy of its flow", lambda c: insert_all(c, [8], 1, 500),
+     [3, 3, 1]),
+    ("remove", lambda c: c.remove(key(6), fid(6)), [3, 2, 1]),
+    ("remove of a flow not cached", lambda c: c.remove(key(6), fid(6)), [3, 2, 1]),
+    ("idle expiry frees the rest", lambda c: c.age(2000, c.sets), [0, 0, 0]),
+]
+
+
+def test_active_flows_follow_every_write(shared):
+    for description, operation, expected in ACTIVE_STEPS:
+        operation(shared)
+        active = shared.active_flows(3)
+        assert (active.per_backend, active.total) == (expected, sum(expected)), description
+        assert_counted_as_held(shared)
+    assert shared.count(110) == 0
+
+
+def test_active_flows_of_a_full_set(shared):
+    """A refused insert counts nothing; an insert into a way whose flow timed
+    out (no age() in between) moves that way's count to the new backend."""
+    ids = same_set_ids(WAYS + 1, shared)
+    for j in range(WAYS):
+        shared.insert(key(j), ids[j], j % 2, now_ms=0, timeout_class=TimeoutClass.OTHER)
+    with pytest.raises(Full):
+        shared.insert(key(99), ids[WAYS], 5, now_ms=10)
+    assert shared.active_flows(6).per_backend == [4, 4, 0, 0, 0, 0]
+    shared.insert(key(99), ids[WAYS], 5, now_ms=200)   # the OTHER flows timed out at 200
+    assert shared.active_flows(6).per_backend == [3, 4, 0, 0, 0, 1]
+    assert shared.count(200) == 1 and shared.active_flows(0).total == WAYS
+    assert_counted_as_held(shared)
+
+
+def test_active_flows_across_handles_and_processes():
+    """Handles count in their own slots: a flow one handle cached and another
+    freed or moved still sums right, whichever process did it."""
+    with FlowCache.in_shared_memory(64, TIMEOUTS) as first, \
+            FlowCache.attach(first.memory, 64) as second:
+        insert_all(first, range(10), 0, 0)
+        second.remove(key(0), fid(0))
+        insert_all(second, [1, 2], 1, 0)
+        lookup_all(second, [3], 10, FIN)
+        lookup_all(first, [3], 20, SYN)
+        assert first.active_flows(2).per_backend == second.active_flows(2).per_backend == [6, 2]
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                with FlowCache.attach(first.memory, 64) as mine:
+                    insert_all(mine, range(10, 20), 1, 0)
+                    mine.remove(key(4), fid(4))
+                    code = 0
+            finally:
+                os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        assert first.active_flows(2).per_backend == [5, 12]
+        assert_counted_as_held(first)
+
+
+def test_ids_past_the_counted_ones_count_in_the_total_only(cache):
+    cache.insert(key(1), fid(1), COUNTED_BACKENDS, now_ms=0)
+    cache.insert(key(2), fid(2), 0xFFFFFFFF, now_ms=0)
+    cache.insert(key(3), fid(3), COUNTED_BACKENDS - 1, now_ms=0)
+    active = cache.active_flows(COUNTED_BACKENDS + 2)
+    assert active.per_backend[-3:] == [1, 0, 0] and active.total == 3
+    cache.insert(key(1), fid(1), 7, now_ms=0)
+    assert cache.active_flows(8) == ActiveFlows([0] * 7 + [1], 3)
+
+
+def test_active_flows_arguments(cache):
+    from pylb._ffi import ffi, lib
+    cache.insert(key(1), fid(1), 0, now_ms=0)
+    assert cache.active_flows(0).per_backend == [] and cache.active_flows(0).total == 1
+    total = ffi.new("uint64_t *")
+    assert lib.pylb_flow_cache_active_flows(cache.handle, ffi.NULL, 0, total) == lib.PYLB_OK
+    assert total[0] == 1
+    assert lib.pylb_flow_cache_active_flows(cache.handle, ffi.NULL, 1, total) == lib.PYLB_EINVAL
+    per = ffi.new("uint64_t[]", 1)
+    assert lib.pylb_flow_cache_active_flows(ffi.NULL, per, 1, total) == lib.PYLB_EINVAL
+    assert lib.pylb_flow_cache_active_flows(cache.handle, per, 1, ffi.NULL) == lib.PYLB_OK
+    assert per[0] == 1
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_active_flows_equal_the_held_entries_after_any_mix_of_writes(seed):
+    """Random inserts (new, replacing, into full sets, over timed-out flows),
+    lookups with FIN, RST and SYN, removes, partial ageing and a clock that
+    moves on: after every step the counters agree with a walk of the entries,
+    and once everything timed out is freed, with the live flows exported."""
+    rng = random.Random(seed)
+    with FlowCache.in_shared_memory(64, TIMEOUTS) as c:
+        now = 0
+        for step in range(1500):
+            i = rng.randrange(200)
+            k, f = key(i), fid(i) if i % 3 else fid(i % 24)   # shared flow ids fill sets
+            op = rng.random()
+            if op < 0.45:
+                try:
+                    c.insert(k, f, rng.randrange(6), now_ms=now,
+                             timeout_class=TimeoutClass(rng.randrange(4)))
+                except Full:
+                    pass
+            elif op < 0.75:
+                c.lookup(k, f, now_ms=now, tcp_flags=rng.choice([ACK, FIN, RST, SYN, SYN | ACK]))
+            elif op < 0.85:
+                c.remove(k, f)
+            elif op < 0.9:
+                c.age(now, rng.randrange(1, 4))
+            else:
+                now += rng.randrange(150)
+            if step % 25 == 0:
+                assert_counted_as_held(c)
+        assert_counted_as_held(c)
+        c.age(now, c.sets)
+        live = Counter(e.backend for e in c.export(now))
+        active = c.active_flows(6)
+        assert Counter({b: k for b, k in enumerate(active.per_backend) if k}) == live
+        assert active.total == c.count(now) == sum(live.values())
 
 
 # ------------------------------------------------------------------ export
@@ -584,6 +767,9 @@ def read_loop(cache: FlowCache, rounds: int) -> list[str]:
 
 
 def assert_one_entry_per_key(cache: FlowCache) -> None:
+    # Nothing timed out (STRESS_TIMEOUTS): every entry held is live, so the
+    # counters, kept by racing writers, must add up to the live count.
+    assert cache.active_flows(0).total == cache.count(ROUNDS)
     keys = stress_keys()
     for n, (k, f) in enumerate(keys):
         cache.insert(k, f, n, now_ms=ROUNDS)

@@ -251,10 +251,35 @@ def test_first_checks_are_spread_over_the_interval(servers):
     ({"type": "tcp", "rise": 0}, "health.rise"),
     ({"type": "tcp", "via": "encap"}, "health.via"),
     ({"type": "tcp", "bogus": 1}, "health.bogus"),
+    # The kernel reaches the VIP through the exception TAP.
+    ({"type": "tcp", "via": "vip"}, "health checks via the VIP need "
+                                    "balancer.data.exception.policy tap"),
 ])
 def test_bad_check_settings_are_rejected(health, reason):
     with pytest.raises(ConfigError) as err:
         config_mod.parse(config_dict("ring:x", backends(), health=health))
+    assert reason in str(err.value)
+
+
+@pytest.mark.parametrize("change, reason", [
+    # The check's source is the data address of the VIP's family.
+    (lambda d: d["vips"][0].update(address="2001:db8::80"),
+     "health checks via the VIP need balancer.data.address_v6"),
+    (lambda d: d["balancer"].update(health={"route_table": 254}),
+     "254 is the kernel's default, main or local table"),
+    # The worker steers checks only to a TCP VIP at the check's port.
+    (lambda d: d["vips"][0]["health"].update(port=8080),
+     "connects to TCP port 8080 of 192.0.2.10, where no TCP VIP is"),
+    (lambda d: d["vips"][0].update(protocol="udp"),
+     "connects to TCP port 80 of 192.0.2.10, where no TCP VIP is"),
+])
+def test_checks_via_the_vip_need_their_path(change, reason):
+    data = config_dict("ring:x", backends(), health={"type": "tcp", "via": "vip"})
+    data["balancer"]["data"]["exception"] = {"policy": "tap"}
+    config_mod.parse(data)          # as it is: valid
+    change(data)
+    with pytest.raises(ConfigError) as err:
+        config_mod.parse(data)
     assert reason in str(err.value)
 
 

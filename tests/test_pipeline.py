@@ -23,6 +23,7 @@ from pipeline_support import (ANY4, ANY6, C4, C6, CLIENT_MAC, DNS4, GATEWAY_MAC,
                               ring_device, route, solicit, tcp4, tcp6, udp4, udp6)
 from pylb import traffic
 from pylb.balancer import Balancer
+from pylb.flow_cache import TimeoutClass, now_ms
 from pylb.flow_id import FlowKey
 from pylb.worker import PuntReason
 
@@ -205,8 +206,11 @@ CASES = [
          nothing),
     Case("TCP to a VIP address, other port", [tcp4(dport=81)], {"drop_no_vip": 1}, nothing),
     Case("UDP to a TCP VIP", [udp4(dst=WEB4, dport=80)], {"drop_no_vip": 1}, nothing),
+    # The host's services (sshd here) are not reachable from the data port.
     Case("TCP to the balancer's own address", [tcp4(dst=LB4, dport=22), tcp6(dst=LB6, dport=22)],
-         {"drop_no_vip": 2}, nothing),
+         {"drop_local": 2}, nothing),
+    Case("ICMP echo to the balancer's own address", [IP(src=C4, dst=LB4) / ICMP()],
+         {"drop_local": 1}, nothing),
     # ARP and neighbour discovery.
     Case("ARP request for the data address", [arp_who_has(LB4)], {"arp_replied": 1},
          answered(arp_reply)),
@@ -412,6 +416,57 @@ def test_a_reused_port_after_close_is_a_new_flow_on_the_current_table(ring):
         assert outcomes(moved) == {"fwd_cache_hit": len(flows)} and after == reused
 
 
+def _active_by_address(lb: Balancer) -> Counter:
+    """Flows cached per backend address, as the balancer reports them."""
+    return Counter({c.address: c.active_flows for c in lb.backend_counts() if c.active_flows})
+
+
+def _assert_active_sums_to_the_cache(lb: Balancer) -> None:
+    """Per backend they add up to the flows the cache holds (none timed out
+    here: held is live), and to the status total."""
+    assert sum(_active_by_address(lb).values()) == lb.cache.count(now_ms()) == \
+        lb.snapshot()["active_flows"]
+
+
+def test_active_flows_per_backend_follow_the_worker_and_python(ring):
+    """Flows cached by the worker (new flows), a SYN reusing closed flows'
+    5-tuples after a backend change, FIN then ageing, and flows Python caches
+    (state from a peer): per backend the active flows are the flows the cache
+    holds for it, whoever wrote or freed them."""
+    with Balancer(make_config(ring, BEFORE)) as lb:
+        pipe = Pipeline(lb)
+        flows = _flows(6)[:600]
+        first, _ = _send_flows(pipe, flows, "S")
+        assert _active_by_address(lb) == Counter(first.values())
+        _assert_active_sums_to_the_cache(lb)
+
+        lb.reconfigure(make_config(ring, AFTER))
+        _send_flows(pipe, flows, "FA")                 # closing, still cached
+        assert _active_by_address(lb) == Counter(first.values())
+        reused, _ = _send_flows(pipe, flows, "S")      # freed, cached afresh by the table
+        assert _active_by_address(lb) == Counter(reused.values())
+        assert "203.0.113.11" in first.values() and "203.0.113.11" not in reused.values()
+        _assert_active_sums_to_the_cache(lb)
+
+        closing = flows[::3]
+        _send_flows(pipe, closing, "FA")
+        timeout = lb.config.balancer.timeouts.tcp_closing * 1000
+        assert lb.cache.age(now_ms() + int(timeout) + 1, lb.cache.sets) == len(closing)
+        kept = [f for f in flows if f not in set(closing)]
+        assert _active_by_address(lb) == Counter(reused[f] for f in kept)
+
+        # State from a peer: Python caches flows as pylb/cluster.py does.
+        extra = [f for f in _flows(7) if f not in set(flows)][:50]
+        c = _classify(lb, extra)
+        for f in extra:
+            key = FlowKey(f.src, f.dst, f.sport, f.dport, f.proto)
+            lb.cache.insert(key.to_bytes(), c[f].flow_id, c[f].current.id, now_ms(),
+                            TimeoutClass.TCP)
+        assert _active_by_address(lb) == Counter(reused[f] for f in kept) + \
+            Counter(_address(c[f].current) for f in extra)
+        _assert_active_sums_to_the_cache(lb)
+
+
 def test_reconfigure_with_track_moved(ring):
     """Rule 3 and 4 with the standalone policy: an established flow in a moved
     bucket is held, handed up (MOVED) and sent to the previous table's backend,
@@ -445,6 +500,7 @@ def test_reconfigure_with_track_moved(ring):
         sent, moved = _send_flows(pipe, old, "PA")   # the verdicts were cached
         assert outcomes(moved) == {"fwd_table": len(stable_old), "fwd_cache_hit": len(moved_old)}
         assert sent == first
+        assert _active_by_address(lb) == Counter(_address(c[f].previous) for f in moved_old)
 
         pipe.punts.clear()
         moved_new = [f for f in new if c[f].moved]
@@ -459,6 +515,9 @@ def test_reconfigure_with_track_moved(ring):
         assert outcomes(moved) == {"fwd_cache_hit": len(moved_new),
                                    "fwd_table": len(new) - len(moved_new)}
         assert all(sent[f] == _address(c[f].current) for f in new)
+        assert _active_by_address(lb) == Counter(_address(c[f].previous) for f in moved_old) + \
+            Counter(_address(c[f].current) for f in moved_new)
+        _assert_active_sums_to_the_cache(lb)
         total = lb.stats()
         assert total.rx == total.forwarded == 3 * len(old) + 2 * len(new) and total.held_now == 0
 

@@ -32,7 +32,6 @@
 
 #define BACKENDS 16
 #define MAX_ENCAPS 3
-#define HEADER_BYTES 128
 #define SYN_CAPACITY (1ull << 21)
 #define SYN_WARM_UP (16 * IN_FLIGHT)
 
@@ -147,13 +146,16 @@ static void print_head(const char *mode, const struct opts *o, struct pylb_flow_
 {
     uint64_t capacity = pylb_flow_cache_capacity(cache);
     size_t footprint = pylb_flow_cache_footprint(capacity);
+    /* Per entry: what doubling the capacity adds, without the fixed part
+     * (header, active-flow counters). */
+    size_t entries_bytes = pylb_flow_cache_footprint(2 * capacity) - footprint;
     printf("{\"mode\": \"%s\", \"flows\": %llu, \"workers\": %u, \"hugepages\": %s, "
            "\"slices\": %u, \"slice_ms\": %.1f, "
            "\"cache\": {\"capacity\": %llu, \"footprint_bytes\": %zu, \"bytes_per_entry\": %.1f, "
            "\"bytes_per_flow\": %.1f, \"load\": %.3f}, ",
            mode, (unsigned long long)o->flows, p->n_lanes, huge ? "true" : "false", p->slices,
            p->slice_s * 1e3, (unsigned long long)capacity, footprint,
-           (double)(footprint - HEADER_BYTES) / (double)capacity,
+           (double)entries_bytes / (double)capacity,
            (double)footprint / (double)o->flows, (double)o->flows / (double)capacity);
 }
 

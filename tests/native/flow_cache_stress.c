@@ -10,6 +10,9 @@
  *            (no sleeping barrier between: that would serialise the inserts).
  *   phase 2: writers insert/remove while readers look up; a backend must
  *            name the key it was found under (key * 256 + writer).
+ * The active-flow counters, kept by the racing writers through one shared
+ * handle, must match: after each round of phase 1 the cache holds only the
+ * filler, and after phase 2 (timed-out entries freed) the live entries.
  */
 #include <pthread.h>
 #include <sched.h>
@@ -100,6 +103,10 @@ static void *same_time_inserts(void *arg)
                 pylb_flow_cache_remove(cache, &keys[k], FLOW_ID);
             pylb_flow_cache_remove(cache, &keys[KEYS], FLOW_ID);
             pylb_flow_cache_insert(cache, &keys[KEYS], FLOW_ID, 0, 0, PYLB_TO_OTHER);
+            uint64_t total = 0, filler = 0;
+            pylb_flow_cache_active_flows(cache, &filler, 1, &total);
+            if (total != 1 || filler != 1)
+                fail("active flows after the reset != the filler alone", r, (long)total);
         }
     }
     return NULL;
@@ -156,6 +163,12 @@ int main(int argc, char **argv)
     pylb_flow_cache_insert(cache, &keys[KEYS], FLOW_ID, 0, 0, PYLB_TO_OTHER);
     run(same_time_inserts);
     run(mixed);
+    uint32_t end = (uint32_t)(rounds * 4);
+    pylb_flow_cache_age(cache, end, pylb_flow_cache_sets(cache));
+    uint64_t total = 0;
+    pylb_flow_cache_active_flows(cache, NULL, 0, &total);
+    if (total != pylb_flow_cache_count(cache, end))
+        fail("active flows != live entries after phase 2", 0, (long)total);
     pylb_flow_cache_destroy(cache);
     printf("%ld failures, %ld contended inserts\n", failures, contended);
     return failures ? 1 : 0;
