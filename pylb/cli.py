@@ -435,7 +435,8 @@ def lab() -> None:
 def lab_demo(quick: bool, connections: int | None, http_rate: float | None, mode: str,
              seed: int) -> None:
     """The churn demo: while connections stream, a backend joins and another
-    drains, a balancer leaves the router, one is killed, one joins. Every
+    drains, a balancer leaves the router, one is killed, one joins, one is
+    drained with `pylb drain` and exits by itself. Every
     byte is checked; the table shows, per step, connections alive, broken,
     and the longest stall, with state exchange on and off. Exits 1 if, with
     the exchange on, a connection broke, stalled past the bound, or an HTTP
@@ -456,7 +457,7 @@ def lab_demo(quick: bool, connections: int | None, http_rate: float | None, mode
     except PylbError as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"Churn: the same workload ({2 * plan.connections} echo connections, "
-               f"{2 * plan.http_rate:g} HTTP requests/s) through steps a-d, "
+               f"{2 * plan.http_rate:g} HTTP requests/s) through steps a-e, "
                f"state exchange {' and '.join('on' if m else 'off' for m in modes)}; "
                f"stall bound {plan.stall_bound_s} s")
     click.echo(report.churn_table(results))
@@ -524,6 +525,54 @@ def lab_down(pid: int | None) -> None:
     _need_root()
     said = stop_labs(only=pid)
     click.echo("\n".join(said) if said else "nothing to remove")
+
+
+def _lab_router(router: str | None) -> str:
+    """The router namespace to change: --router, else the one running lab's."""
+    from pylb.lab.topology import lab_states
+    if router:
+        return router
+    running = [st for st in lab_states() if st["alive"] and "router" in st["namespaces"]]
+    if len(running) != 1:
+        raise click.ClickException(f"{len(running)} running labs: name the router namespace "
+                                   "with --router")
+    return running[0]["namespaces"]["router"]
+
+
+def _route_change(balancer: str, router: str | None, present: bool) -> None:
+    from pylb.lab.topology import NODES, change_ecmp
+    _need_root()
+    if not balancer.startswith("lb") or balancer not in NODES:
+        raise click.BadParameter(f"no balancer {balancer!r} in the lab", param_hint="BALANCER")
+    try:
+        now = change_ecmp(_lab_router(router), balancer, present)
+    except PylbError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"router ECMP set: {' '.join(now)}")
+
+
+_ROUTER_OPTION = click.option("--router", default=None, metavar="NAMESPACE",
+                              help="The lab's router namespace [default: the running lab's].")
+
+
+@lab.command("withdraw")
+@click.argument("balancer")
+@_ROUTER_OPTION
+def lab_withdraw(balancer: str, router: str | None) -> None:
+    """Takes BALANCER's next hop out of the router's multipath VIP routes,
+    leaving the others, as a BGP withdrawal would: each lab balancer's
+    drain.withdraw command."""
+    _route_change(balancer, router, present=False)
+
+
+@lab.command("announce")
+@click.argument("balancer")
+@_ROUTER_OPTION
+def lab_announce(balancer: str, router: str | None) -> None:
+    """Puts BALANCER's next hop back into the router's multipath VIP routes:
+    each lab balancer's drain.announce command (pylb drain --undo)."""
+    _route_change(balancer, router, present=True)
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -369,6 +369,11 @@ class LoggedProcess(Process):
         still runs (stop(), at the latest the topology's clean-up, kills it)."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, signal.SIGTERM)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float) -> int | None:
+        """Waits up to `timeout` s for the process to end by itself, then for
+        its last output. Returns the exit status, or None if it still runs."""
         try:
             rc = self.popen.wait(timeout)
         except subprocess.TimeoutExpired:

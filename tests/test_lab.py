@@ -1,10 +1,11 @@
 """The lab end to end: the churn demo on the real topology (clients with the
 kernel's TCP, an ECMP router, `pylb run` balancers on af_packet, VXLAN
 backends answering directly), shorter and with fewer connections than
-`pylb lab demo` (Plan.quick), with state exchange on and off; and the lab's
+`pylb lab demo` (Plan.quick), with state exchange on and off; its last step
+drains a balancer with `pylb drain` as an operator would; and the lab's
 clean-up when it is told to end and when it is killed outright.
 
-The churn runs once for the module (about 35 s); the tests read its result.
+The churn runs once for the module (about 50 s); the tests read its result.
 A failure names each broken connection, the step it broke in and where the
 cluster put it (bucket, table backend, owner and backup at each step), and
 carries every balancer's log.
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from netns import list_namespaces, process_start, require_netns
+from netns import list_namespaces, owner_pid, process_start, require_netns
 
 pytestmark = [pytest.mark.netns, pytest.mark.dpdk, pytest.mark.timeout(150)]
 
@@ -97,7 +98,8 @@ def test_every_step_happened_and_the_traffic_spread(churn_run):
     from pylb.lab.churn import Plan
 
     for result in (churn_run["on"], churn_run["off"]):
-        assert [s.key for s in result.steps] == ["steady", "a", "b", "c", "d", "settle", "close"]
+        assert [s.key for s in result.steps] == ["steady", "a", "b", "c", "d", "e", "settle",
+                                                 "close"]
         assert {n for n, b in result.balancers.items() if b["killed"]} == {"lb2"}
         answered = {r[3] for r in result.http if r[2]}
         step_a = next(s.at for s in result.steps if s.key == "a")
@@ -106,6 +108,45 @@ def test_every_step_happened_and_the_traffic_spread(churn_run):
         assert result.fabric.get("lb4", 0) > 100, result.fabric
     assert churn_run["seconds"] < 90, f"the quick churn took {churn_run['seconds']:.0f} s"
     assert Plan.quick().connections < Plan().connections
+
+
+def test_a_drained_balancer_leaves_by_itself_and_breaks_no_connection(churn_run):
+    """Step e: `pylb drain --wait` on lb3 while the connections stream. Its
+    withdraw command takes it out of the router's ECMP set, it hands its
+    ownership off and the other members drop it; it exits by itself, status
+    0, within the drain timeout, and with the exchange on nothing breaks."""
+    from pylb.lab import report
+    from pylb.lab.topology import DRAIN_TIMEOUT_S, log_events
+
+    on = churn_run["on"]
+    row = next(r for r in report.step_rows(on) if r[1] == "e")
+    assert row[5] == 0 and row[8] == 0, \
+        f"broken in the drain step:\n{failures(on)}\n{report.churn_table([on])}\n{logs(on)}"
+    for result in (churn_run["on"], churn_run["off"]):
+        drain = result.drains["lb3"]
+        said = result.balancers["lb3"]["transcript"]
+        assert not result.balancers["lb3"]["killed"]
+        # It ended by itself: status 0, before the drain's timeout, and the
+        # operator's `pylb drain --wait` saw it go.
+        assert drain.rc == 0 and drain.ended is not None, said
+        assert drain.seconds < DRAIN_TIMEOUT_S, drain.seconds
+        assert drain.cli_rc == 0 and "balancer lb3: exited" in drain.cli_output, drain.cli_output
+        # Its admin API said it was draining, its view without itself (handed off).
+        assert drain.admin and drain.admin["state"] == "draining", drain.admin
+        assert drain.view and "lb3" not in drain.view, drain.view
+        # Its log: the withdraw command ran and succeeded; it ended on quiet,
+        # not at the timeout, so the router had stopped sending to it.
+        assert drain.withdraw and drain.withdraw["status"] == 0, said
+        assert log_events(said, "balancer drained") and \
+            not log_events(said, "balancer drain timed out"), said
+        assert "Counter equations: all hold" in result.balancers["lb3"]["summary"], said
+        # The router's multipath routes lead to lb4 alone, and the members
+        # that stay know lb3 left (their admin API at the end of the run).
+        assert drain.router_after == ["lb4"], drain.router_after
+        for name in ("lb1", "lb4"):
+            members = result.balancers[name]["status"]["cluster"]["members"]
+            assert sorted(members) == ["lb1", "lb4"], (name, members)
+        assert drain.clean
 
 
 def test_balancers_exit_clean_and_the_lab_leaves_nothing(churn_run):
@@ -120,9 +161,41 @@ def test_balancers_exit_clean_and_the_lab_leaves_nothing(churn_run):
             assert not lost, f"{name} dropped traffic it should carry: {lost}\n{b['transcript']}"
             with pytest.raises(ProcessLookupError):
                 os.kill(b["pid"], 0)
-    left = set(list_namespaces()) - churn_run["namespaces_before"]
+    # Only this run's names: other runs (tests, labs) may come and go meanwhile.
+    left = {ns for ns in set(list_namespaces()) - churn_run["namespaces_before"]
+            if owner_pid(ns) == os.getpid()}
     assert not left, f"namespaces left: {left}"
     assert hugepage_files() <= churn_run["hugepages_before"]
+
+
+def test_withdraw_and_announce_change_one_next_hop_of_the_router(tmp_path):
+    """The drain hooks (`pylb lab withdraw|announce`, run by a balancer in
+    its own namespace): one balancer's next hop leaves or rejoins both VIP
+    routes, the others stay; the last one is never withdrawn."""
+    require_netns()
+    from pylb.lab.topology import UNDERLAY_MTU, Lab, ecmp_set
+    from pylb.netns import Topology
+
+    def hook(lab, verb, name):
+        return subprocess.run(lab.route_command(verb, name), cwd=ROOT, capture_output=True,
+                              text=True, timeout=30)
+
+    with Topology() as topology:
+        lab = Lab(topology, tmp_path)
+        fabric = lab.ns["fabric"] = topology.namespace("fabric")
+        fabric.ip("link", "add", "br0", "mtu", str(UNDERLAY_MTU), "type", "bridge")
+        lab._router()       # only the router: the rest of the lab plays no part here
+        lab.set_router(["lb1", "lb2", "lb3"])
+        router = lab.ns["router"].name
+        done = hook(lab, "withdraw", "lb2")
+        assert done.returncode == 0 and "router ECMP set: lb1 lb3" in done.stdout, done
+        assert ecmp_set(router) == ["lb1", "lb3"]
+        assert hook(lab, "announce", "lb2").returncode == 0
+        assert ecmp_set(router) == ["lb1", "lb2", "lb3"]
+        lab.set_router(["lb4"])
+        refused = hook(lab, "withdraw", "lb4")
+        assert refused.returncode == 1 and "last next hop" in refused.stderr, refused
+        assert ecmp_set(router) == ["lb4"]
 
 
 # ---------------------------------------------------------------- clean-up

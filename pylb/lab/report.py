@@ -145,12 +145,13 @@ def summary(result) -> str:
         ["HTTP answers per backend, before step a", _shares(dict(before))],
         ["HTTP answers per backend, from step a", _shares(dict(after))],
         ["frames per balancer (fabric port)", _shares(result.fabric)],
-        ["balancers' exit", ", ".join(f"{n} " + ("SIGKILL" if b["killed"] else f"rc={b['rc']}")
+        ["balancers' exit", ", ".join(f"{n} " + _exit(n, b, result)
                                       for n, b in sorted(result.balancers.items()))],
         ["seconds (connections open to all closed)", round(duration, 1)],
     ]
     out = [f"State exchange {_mode(result.exchange)}", table(["", ""], rows), "",
            balancer_table(result)]
+    out += [drain_summary(result, d) for d in result.drains.values()]
     if failures:
         out.append("HTTP failures: " + ", ".join(f"{k} x{v}" for k, v in failures.most_common()))
         failed = [r for r in result.http if not r[2]]
@@ -165,6 +166,38 @@ def summary(result) -> str:
         if len(broken) > shown:
             out.append(f"  ... and {len(broken) - shown} more")
     return "\n".join(out)
+
+
+def _exit(name: str, b: dict, result) -> str:
+    if b["killed"]:
+        return "SIGKILL"
+    drain = result.drains.get(name)
+    if drain is not None and drain.ended is not None:
+        return f"rc={b['rc']} (drained, by itself)"
+    return f"rc={b['rc']}"
+
+
+def drain_summary(result, d) -> str:
+    """A balancer drain: what the operator's command said, what the
+    balancer's admin API and log said, where the router sends now."""
+    def at(t: float | None) -> str:
+        return "-" if t is None else f"{t - result.t0:.2f} s"
+    withdraw = d.withdraw or {}
+    outcome = d.outcome or {}
+    rows = [
+        ["pylb drain --wait (in its namespace)", f"rc={d.cli_rc}: {d.cli_output or '-'}"],
+        ["started / draining / exited at", f"{at(d.started)} / {at(d.draining_at)} / "
+                                           f"{at(d.ended)} (rc={d.rc})"],
+        ["admin API while draining", (d.admin or {}).get("state", "n/a")
+         + f"; its cluster view: {', '.join(d.view) or 'n/a'}"],
+        ["withdraw command", f"status {withdraw.get('status', 'not seen')}: "
+                             f"{(withdraw.get('output') or '').strip() or '-'}"],
+        ["its verdict (log)", f"{outcome.get('event', 'not seen')}"
+                              + (f", quiet {outcome['quiet_s']} s" if "quiet_s" in outcome else "")],
+        ["router ECMP set after", " ".join(d.router_after) or "-"],
+    ]
+    return f"Drain of {d.name}: " + ("clean" if d.clean else "NOT CLEAN") + "\n" \
+        + table(["", ""], rows)
 
 
 # What each balancer did, from its admin API just before it was stopped.

@@ -21,6 +21,11 @@
   interface is needed beside the data port.
 - Backends decapsulate VXLAN in their kernel and answer from the VIP on
   loopback, straight to the client through the router (DSR).
+- A balancer drain (`pylb drain`) reaches the router as a BGP withdrawal
+  would: each balancer's `drain.withdraw` is `pylb lab withdraw <name>
+  --router <ns>`, which removes its next hop from both VIP routes' groups and
+  leaves the others as they are (`drain.announce`, `pylb lab announce`, puts
+  it back).
 
 Every name comes from pylb.netns (`pl<pid>_<n>-<role>`), so two runs never
 collide and a run that died is swept up by the next one.
@@ -35,11 +40,11 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pylb.netns import (Interface, LoggedProcess, Namespace, NetnsError, Topology, owner_alive,
-                        owner_pid, run_tag)
+from pylb.netns import (Interface, LoggedProcess, Namespace, NetnsError, Topology, ip,
+                        owner_alive, owner_pid, run_tag)
 
 CLIENT_MTU = 1500
 UNDERLAY_MTU = 9000
@@ -67,6 +72,14 @@ ROUTER_FABRIC = ("203.0.113.254", "2001:db8:1::fe")
 CLIENT_NETS = ("198.51.100.0/24", "2001:db8:7::/64")
 START_S = 20.0       # a balancer's start (EAL, port, mempools) on a busy 2-core machine
 STOP_S = 5.0         # for a balancer to exit after SIGTERM
+# A drained balancer ends once no VIP packet came for the quiet period. The
+# router's withdrawal is one netlink change here, after which no client packet
+# comes (a real router converges in seconds: pylb's default is 10 s); the
+# drain also lasts at least cluster.handoff_period (5 s).
+DRAIN_QUIET_S = 1.0
+DRAIN_TIMEOUT_S = 30.0
+# The router's nexthop groups, one per VIP route (IPv4, IPv6).
+ECMP_GROUPS = (100, 110)
 WORKDIR_PREFIX = "pylb-lab-"
 
 
@@ -100,14 +113,63 @@ class ClusterState:
 
 
 @dataclass
+class DrainRecord:
+    """One balancer drain (`pylb drain --wait`) as the lab saw it."""
+
+    name: str
+    started: float                     # monotonic: the operator's command started
+    cli: LoggedProcess | None = field(default=None, repr=False)
+    draining_at: float | None = None   # the balancer logged "balancer draining"
+    admin: dict | None = None          # its admin API's drain section while draining
+    view: list[str] = field(default_factory=list)  # its cluster members then (itself gone)
+    status: dict | None = None         # its last /status before it exited (counters)
+    ended: float | None = None         # it exited by itself
+    rc: int | None = None
+    cli_rc: int | None = None
+    cli_output: str = ""
+    withdraw: dict | None = None       # its log: the withdraw command's end and status
+    outcome: dict | None = None        # its log: "balancer drained" (or "... timed out")
+    router_after: list[str] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float | None:
+        """From the operator's command to the balancer's exit."""
+        return None if self.ended is None else self.ended - self.started
+
+    @property
+    def clean(self) -> bool:
+        """Ended by itself (not at its timeout), status 0, told the router,
+        and `pylb drain --wait` saw it go."""
+        return (self.rc == 0 and self.cli_rc == 0 and self.withdraw is not None
+                and self.withdraw.get("status") == 0 and self.outcome is not None
+                and self.outcome["event"] == "balancer drained"
+                and self.name not in self.router_after)
+
+
+@dataclass
 class BalancerProcess:
     name: str
     namespace: Namespace
     config_file: Path
     process: LoggedProcess
     killed: bool = False
-    summary: str | None = None       # what it printed on SIGTERM
+    summary: str | None = None       # what it printed on SIGTERM (or at the end of its drain)
     rc: int | None = None
+    drain: DrainRecord | None = None
+
+
+def log_events(text: str, event: str) -> list[dict]:
+    """The lines of a balancer's JSON log that record `event`."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("{") and f'"{event}"' in line:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("event") == event:
+                out.append(entry)
+    return out
 
 
 def _sighup_caught(pid: int) -> bool:
@@ -131,6 +193,54 @@ def sweep_workdirs(base: Path) -> list[str]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(str(path))
     return removed
+
+
+# ---------------------------------------------------------------- the router's ECMP set
+# Shared by the lab and by `pylb lab withdraw/announce`, which a balancer runs
+# as its drain hook from its own namespace: each works on the router
+# namespace by name (`ip -n`) and reads the set from the kernel, not from a
+# lab object.
+
+def nexthop_ids(name: str) -> tuple[int, int]:
+    """The router's nexthop objects (IPv4, IPv6) leading to a balancer."""
+    i = BALANCERS.index(NODES[name]) + 1
+    return i, 10 + i
+
+
+def replace_ecmp(router: str, names: list[str], verb: str = "replace") -> None:
+    """Both VIP routes' groups, replaced whole (one netlink change each).
+    Ordered as BALANCERS, so the same set always hashes the same way."""
+    ordered = [n.name for n in BALANCERS if n.name in names]
+    for family, group in enumerate(ECMP_GROUPS):
+        members = "/".join(str(nexthop_ids(n)[family]) for n in ordered)
+        ip(router, "nexthop", verb, "id", str(group), "group", members)
+
+
+def ecmp_set(router: str) -> list[str]:
+    """The balancers the router spreads the VIPs over, as its kernel has it;
+    both families must agree."""
+    sets = []
+    for family, group in enumerate(ECMP_GROUPS):
+        shown = json.loads(ip(router, "-j", "nexthop", "show", "id", str(group)))
+        ids = {g["id"] for g in shown[0]["group"]}
+        sets.append([n.name for n in BALANCERS if nexthop_ids(n.name)[family] in ids])
+    if sets[0] != sets[1]:
+        raise NetnsError(f"the router's IPv4 and IPv6 ECMP sets differ: {sets}")
+    return sets[0]
+
+
+def change_ecmp(router: str, name: str, present: bool) -> list[str]:
+    """What a routing daemon does when one balancer withdraws (present=False)
+    or announces its VIPs: that next hop leaves or joins the multipath
+    routes, the others stay. Returns the new set."""
+    current = ecmp_set(router)
+    wanted = [n for n in current if n != name] + ([name] if present else [])
+    if not wanted:
+        # A real router would drop the route; the lab keeps its VIPs routed.
+        raise NetnsError(f"{name} is the router's last next hop: not withdrawn")
+    if set(wanted) != set(current):
+        replace_ecmp(router, wanted)
+    return ecmp_set(router)
 
 
 class Lab:
@@ -259,15 +369,23 @@ class Lab:
 
     def set_router(self, names: list[str]) -> None:
         """The ECMP set of both VIP routes, replaced in one step per family."""
-        ids = [BALANCERS.index(NODES[n]) + 1 for n in names]
-        router = self.ns["router"]
-        verb = "replace" if self.router_set else "add"
-        router.ip("nexthop", verb, "id", "100", "group", "/".join(str(i) for i in ids))
-        router.ip("nexthop", verb, "id", "110", "group", "/".join(str(10 + i) for i in ids))
+        router = self.ns["router"].name
+        replace_ecmp(router, names, "replace" if self.router_set else "add")
         if not self.router_set:
-            router.ip("route", "add", f"{VIP4}/32", "nhid", "100")
-            router.ip("-6", "route", "add", f"{VIP6}/128", "nhid", "110")
-        self.router_set = list(names)
+            ip(router, "route", "add", f"{VIP4}/32", "nhid", str(ECMP_GROUPS[0]))
+            ip(router, "-6", "route", "add", f"{VIP6}/128", "nhid", str(ECMP_GROUPS[1]))
+        self.router_set = [n.name for n in BALANCERS if n.name in names]
+
+    def sync_router(self) -> list[str]:
+        """The ECMP set as the router has it now (a drain hook changes it)."""
+        self.router_set = ecmp_set(self.ns["router"].name)
+        return self.router_set
+
+    def route_command(self, verb: str, name: str) -> list[str]:
+        """A balancer's drain hook: `pylb lab withdraw|announce`, run by the
+        balancer in its own namespace, changes the router's set by name."""
+        return [self.python, "-m", "pylb.cli", "lab", verb, name,
+                "--router", self.ns["router"].name]
 
     # ------------------------------------------------------------ balancers
 
@@ -293,7 +411,12 @@ class Lab:
                 # spread them, one pinned core each.
                 "dpdk": {"cores": [self.cores[index % len(self.cores)]]},
                 "log": {"format": "json", "level": self.log_level},
-                "admin": {"socket": str(self.workdir / f"{name}.sock")},
+                "admin": {"socket": str(self.admin_socket(name))},
+                # `pylb drain`: the withdraw command takes this balancer out
+                # of the router's ECMP set, as a BGP withdrawal would.
+                "drain": {"quiet_period": DRAIN_QUIET_S, "timeout": DRAIN_TIMEOUT_S,
+                          "withdraw": self.route_command("withdraw", name),
+                          "announce": self.route_command("announce", name)},
             },
             "vips": vips,
             "cluster": {"balancers": [{"name": m, "address": NODES[m].v4} for m in state.members],
@@ -381,6 +504,55 @@ class Lab:
         lb.killed = True
         lb.rc = lb.process.popen.returncode
 
+    def start_drain(self, name: str) -> DrainRecord:
+        """`pylb drain --wait` as an operator runs it on the balancer's host:
+        in its namespace, over its admin socket. Returns once the balancer
+        says it is draining: ownership handed off, withdraw command started."""
+        lb = self.balancers[name]
+        record = lb.drain = DrainRecord(name, time.monotonic())
+        record.cli = self.ns[name].spawn_logged(
+            self.python, "-u", "-m", "pylb.cli", "drain", "--wait",
+            "--timeout", str(DRAIN_TIMEOUT_S + STOP_S), "--socket", str(self.admin_socket(name)))
+        deadline = time.monotonic() + START_S
+        while '"balancer draining"' not in lb.process.stderr:
+            if record.cli.returncode is not None or lb.process.returncode is not None \
+                    or time.monotonic() > deadline:
+                raise NetnsError(f"{name} did not start draining\n{record.cli.transcript()}\n"
+                                 + lb.process.transcript())
+            time.sleep(0.02)
+        record.draining_at = time.monotonic()
+        record.status = self.status(name)
+        if record.status:
+            record.admin = record.status.get("drain")
+            record.view = list((record.status.get("cluster") or {}).get("members") or [])
+        return record
+
+    def finish_drain(self, name: str) -> DrainRecord:
+        """Waits for the draining balancer to exit by itself (at most its
+        drain.timeout, and a stop's time) and for `pylb drain --wait` to see
+        it go; its admin API is read meanwhile for its last counters."""
+        lb = self.balancers[name]
+        record = lb.drain
+        deadline = record.started + DRAIN_TIMEOUT_S + STOP_S
+        while True:
+            record.status = self.status(name) or record.status
+            rc = lb.process.wait(0.5)
+            if rc is not None:
+                record.ended, record.rc = time.monotonic(), rc
+                lb.rc, lb.summary = rc, lb.process.stdout
+                break
+            if time.monotonic() > deadline:
+                break       # still running: stop_balancers ends it, the verdict says so
+        # The command polls every 0.5 s; it gives up by itself at its --timeout.
+        record.cli_rc = record.cli.wait(max(deadline - time.monotonic(), 0.0) + STOP_S)
+        record.cli_output = (record.cli.stdout + record.cli.stderr).strip()
+        said = lb.process.stderr
+        record.withdraw = next(iter(log_events(said, "drain withdraw command ended")), None)
+        record.outcome = next(iter(log_events(said, "balancer drained")
+                                   + log_events(said, "balancer drain timed out")), None)
+        record.router_after = self.sync_router()
+        return record
+
     def stop_balancers(self) -> None:
         """SIGTERM to every running balancer at once; each prints its summary."""
         running = [lb for lb in self.balancers.values() if lb.process.returncode is None]
@@ -392,6 +564,19 @@ class Lab:
         for lb, rc in zip(running, codes):
             lb.rc = rc
             lb.summary = lb.process.stdout
+
+    def admin_socket(self, name: str) -> Path:
+        return self.workdir / f"{name}.sock"
+
+    def status(self, name: str) -> dict | None:
+        """A balancer's GET /status, or None if it does not answer (it is
+        starting or has ended)."""
+        from pylb.admin import Client
+        from pylb.errors import PylbError
+        try:
+            return Client(str(self.admin_socket(name)), timeout=3).request("GET", "/status")
+        except PylbError:
+            return None
 
     def save_log(self, lb: BalancerProcess, suffix: str = "") -> Path:
         path = self.log_dir / f"{lb.name}{suffix}.log"
@@ -418,7 +603,7 @@ class Lab:
         state = {"pid": os.getpid(), "phase": phase, "workdir": str(self.workdir),
                  "namespaces": {role: ns.name for role, ns in self.ns.items()},
                  "balancers": {n: {"pid": lb.process.pid, "running": lb.process.returncode is None,
-                                   "admin_socket": str(self.workdir / f"{n}.sock")}
+                                   "admin_socket": str(self.admin_socket(n))}
                                for n, lb in self.balancers.items()},
                  "router": self.router_set, "updated": time.time(), **extra}
         self.write_config(self.workdir / "lab.json", state)
@@ -447,9 +632,9 @@ def lab_states(base: Path = Path("/tmp")) -> list[dict]:
     return out
 
 
-__all__ = ["AF_PACKET_MTU", "BACKENDS", "BALANCERS", "CLIENTS", "ClusterState", "ECHO_PORT",
-           "HTTP_PORT", "Lab", "NODES", "VIP4", "VIP6", "lab_states", "new_workdir",
-           "sweep_workdirs"]
+__all__ = ["AF_PACKET_MTU", "BACKENDS", "BALANCERS", "CLIENTS", "ClusterState", "DrainRecord",
+           "ECHO_PORT", "HTTP_PORT", "Lab", "NODES", "VIP4", "VIP6", "change_ecmp", "ecmp_set",
+           "lab_states", "log_events", "new_workdir", "sweep_workdirs"]
 
 
 def stop_labs(base: Path = Path("/tmp"), timeout: float = 30.0,
