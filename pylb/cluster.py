@@ -42,6 +42,7 @@ EXPORT_CHUNK = 1024       # cache entries copied out per call when pushing after
 EXPORT_CHUNKS_PER_TICK = 64   # bounds the loop's pause: ~64k entries a round
 CLEAN_REPEATS = 3         # rounds an owner announces a retired bucket (datagrams get lost)
 CLEAN_INTERVAL_S = 1.0
+MAX_UNDECIDED_PACKETS = 64   # packets of one flow kept while its owner waits for its state
 
 
 @dataclass
@@ -57,6 +58,22 @@ class Pending:
     tries: int = 1
     local: bool = False         # asked for traffic of this balancer: cache the answer
     waiters: list[str] = field(default_factory=list)   # peers whose requests wait on it
+
+
+@dataclass
+class Undecided:
+    """A flow its owner holds no state for, given `cluster.decision_delay_ms`
+    before rule 4: the state of a flow that has just started elsewhere may be
+    on its way (pushes are batched), and rule 4 would name the previous
+    table's backend, wrong for a new flow in a moved bucket."""
+
+    key: FlowKey
+    flow_id: int
+    udp: bool
+    due: float
+    packets: list[bytes]                                  # IP packets to forward once decided
+    waiters: list[str] = field(default_factory=list)      # peers whose requests wait on it
+    local: bool = False                                   # own traffic: cache the decision
 
 
 def _version(seen_syn: bool) -> int:
@@ -89,6 +106,7 @@ class ClusterNode:
         t = lb.config.balancer.timeouts
         self.store = StateStore(t.tcp, t.tcp_closing, t.udp, t.other)
         self.pending: dict[bytes, Pending] = {}
+        self.undecided: dict[bytes, Undecided] = {}
         # Flows this balancer forwards with exchanged state: key -> (FlowKey,
         # flow id, version); refreshed to their holders while they live.
         self.exchanged: dict[bytes, tuple[FlowKey, int, int]] = {}
@@ -204,6 +222,11 @@ class ClusterNode:
             return None
         kb = key.to_bytes()
         held = self.store.get(kb)
+        waiting = self.undecided.get(kb)
+        if waiting is not None and held is None:
+            waiting.packets.append(self._held_ip(p.slot))
+            waiting.local = True
+            return Verdict(p.slot, Action.PEER)     # kept here until decided
         if held is not None:
             # Owner, backup, or a former holder: the state is here.
             self.counters["decided_from_store"] += 1
@@ -214,6 +237,10 @@ class ClusterNode:
         targets = [h for h in dict.fromkeys(holders + former) if h != self.name]
         if holders[0] == self.name:
             targets = [h for h in self.former_holders(size, p.bucket) if h != self.name]
+            if not targets and self.config.decision_delay_ms:
+                self._wait_for_state(key, p.flow_id, p.reason == PuntReason.UDP_MOVED,
+                                     self._held_ip(p.slot), local=True)
+                return Verdict(p.slot, Action.PEER)     # kept here until decided
             if not targets:
                 rec = self._decide_as_owner(key, p.flow_id, p.reason == PuntReason.UDP_MOVED,
                                             holders)
@@ -223,9 +250,7 @@ class ClusterNode:
                 self.exchanged[kb] = (key, p.flow_id, rec.version)
                 return Verdict(p.slot, Action.FORWARD, self._backend_id(vip, rec.backend),
                                cache=True)
-        frame = self.lb.worker.held_frame(p.slot)
-        parsed = packet.parse(frame)
-        ip = frame[parsed.l2_len:parsed.l2_len + parsed.l3_total]
+        ip = self._held_ip(p.slot)
         pend = self.pending.get(kb)
         if pend is None:
             pend = self.pending[kb] = Pending(key, ip, p.flow_id, targets, time.monotonic())
@@ -314,6 +339,59 @@ class ClusterNode:
             self._cache(pend.key, pend.flow_id, backend)
         return None
 
+    def _held_ip(self, slot: int) -> bytes:
+        """The IP packet of a held frame (no Ethernet header)."""
+        frame = self.lb.worker.held_frame(slot)
+        parsed = packet.parse(frame)
+        return frame[parsed.l2_len:parsed.l2_len + parsed.l3_total]
+
+    def _wait_for_state(self, key: FlowKey, flow_id: int, udp: bool, ip_packet: bytes,
+                        waiter: str | None = None, local: bool = False) -> None:
+        """Rule 4 at the owner, after cluster.decision_delay_ms unless the
+        flow's state comes first; its packets wait here meanwhile."""
+        kb = key.to_bytes()
+        waiting = self.undecided.get(kb)
+        if waiting is None:
+            due = time.monotonic() + self.config.decision_delay_ms / 1000.0
+            waiting = self.undecided[kb] = Undecided(key, flow_id, udp, due, [])
+            self.counters["decisions_delayed"] += 1
+        if len(waiting.packets) < MAX_UNDECIDED_PACKETS:
+            waiting.packets.append(ip_packet)
+        else:
+            self.counters["undecided_packets_dropped"] += 1
+        if waiter is not None and waiter not in waiting.waiters:
+            waiting.waiters.append(waiter)
+        waiting.local |= local
+
+    def _decide_due(self, now: float) -> None:
+        for kb, waiting in list(self.undecided.items()):
+            if now < waiting.due:
+                continue
+            del self.undecided[kb]
+            c = self._classify(waiting.key)
+            holders = self.holders(self._table_size(c.vip), c.bucket) if c else []
+            rec = self._decide_as_owner(waiting.key, waiting.flow_id, waiting.udp, holders,
+                                        record=self.name in holders) if c else None
+            self._decided(waiting, rec)
+
+    def _decided(self, waiting: Undecided, rec: StateRecord | None) -> None:
+        """Forwards what waited, answers the peers that asked, caches the
+        decision for this balancer's own traffic."""
+        c = self._classify(waiting.key)
+        if rec is None or c is None:
+            self.counters["undecided_packets_dropped"] += len(waiting.packets)
+            return
+        backend = self._backend_id(c.vip, rec.backend)
+        for ip in waiting.packets:
+            self._forward_for(ip, backend, waiting.flow_id, waiting.key)
+        for waiter in waiting.waiters:
+            self._answer(waiter, rec)
+            self.counters["requests_answered"] += 1
+        if waiting.local:
+            self._cache(waiting.key, waiting.flow_id, backend)
+            self.exchanged[rec.key] = (waiting.key, waiting.flow_id, rec.version)
+            self.counters["decided_locally"] += 1
+
     def _forward_for(self, ip_packet: bytes, backend: int, flow_id: int, key: FlowKey) -> None:
         try:
             self.lb.worker.forward_ip(ip_packet, backend, flow_id)
@@ -399,6 +477,11 @@ class ClusterNode:
                     self.counters["asked_former_holder"] += 1
                     return
                 self.pending.pop(kb, None)
+        waiting = self.undecided.get(kb)
+        if rec is None and (waiting is not None or (self.name in holders
+                                                    and self.config.decision_delay_ms)):
+            self._wait_for_state(key, c.flow_id, key.proto == UDP, msg.packet, waiter=sender)
+            return
         if rec is None:
             # Asked without holding the bucket (a former holder during a
             # transition, or another view): the decision goes to the holders,
@@ -428,7 +511,7 @@ class ClusterNode:
         key = pend.key
         c = self._classify(key)
         if self.name in self.holders(self._table_size(c.vip), c.bucket):
-            self.store.put(rec)
+            self._store(rec)
         for waiter in pend.waiters:
             self._answer(waiter, rec)
             self.counters["requests_answered"] += 1
@@ -466,9 +549,17 @@ class ClusterNode:
                 elif (msg.type == MessageType.STATE_PUSH
                       and msg.view.member_hash != self.view.member_hash):
                     if self._pass_on_and_keep(sender, rec):
-                        self.store.put(rec)
+                        self._store(rec)
                 else:
-                    self.store.put(rec)
+                    self._store(rec)
+
+    def _store(self, rec: StateRecord) -> None:
+        """Keeps state from a peer; a flow waiting for it is decided now."""
+        self.store.put(rec)
+        waiting = self.undecided.pop(rec.key, None)
+        if waiting is not None:
+            self.counters["undecided_got_state"] += 1
+            self._decided(waiting, self.store.get(rec.key))
 
     def _pass_on_and_keep(self, sender: str, rec: StateRecord) -> bool:
         """A push from a balancer with another set of members (it has not
@@ -525,6 +616,8 @@ class ClusterNode:
         if now - self._last_expire >= 1.0:
             self._last_expire = now
             self.store.expire()
+        if self.undecided:
+            self._decide_due(now)
         if self._export_cursor is not None:
             self._export_step()
         if now - self._last_clean >= CLEAN_INTERVAL_S:

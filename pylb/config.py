@@ -297,10 +297,19 @@ class Cluster(Strict):
     state_exchange: bool = True
     previous_retire_after: Optional[float] = Field(None, gt=0, le=86400 * 7)
     request_timeout_ms: int = Field(50, ge=1, le=10_000)
+    decision_delay_ms: int = Field(20, ge=0, le=10_000)
     request_retries: int = Field(2, ge=0, le=10)
     push_interval_ms: int = Field(5, ge=1, le=10_000)
     refresh_interval: float = Field(10.0, gt=0, le=3600)
     handoff_period: float = Field(5.0, gt=0, le=600)
+
+    @model_validator(mode="after")
+    def _delay_within_timeout(self):
+        # A request must be answered before the asker retries it.
+        if self.decision_delay_ms >= self.request_timeout_ms:
+            raise ValueError(f"decision_delay_ms {self.decision_delay_ms} must be shorter than "
+                             f"request_timeout_ms {self.request_timeout_ms}")
+        return self
 
     @model_validator(mode="after")
     def _unique(self):

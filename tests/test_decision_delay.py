@@ -1,0 +1,74 @@
+"""An owner without state waits `cluster.decision_delay_ms` before rule 4
+(docs/state-exchange.md, "The miss path"). A flow that has just started at
+one balancer, in a bucket a backend change moved, may reach another
+balancer before the first one's batched push reaches the owner: deciding at
+once by the previous table would send it to the old backend and break it."""
+from __future__ import annotations
+
+import ipaddress
+import time
+
+import pytest
+
+from pylb import testbed
+from pylb.flow_id import FlowKey
+
+pytestmark = pytest.mark.dpdk
+
+BACKENDS = [f"b-{i}" for i in range(1, 6)]
+
+
+def _key(f) -> FlowKey:
+    return FlowKey(ipaddress.ip_address(f.src), ipaddress.ip_address(f.dst), f.sport, f.dport,
+                   f.proto)
+
+
+def _configure(lb, **changes) -> None:
+    lb.cluster.config = lb.cluster.config.model_copy(update=changes)
+
+
+def _heard(tb) -> int:
+    """Requests and local misses the owners lb2 and lb3 have decided or put off."""
+    return sum(tb.lbs[n].cluster.counters[c] for n in ("lb2", "lb3")
+               for c in ("requests_answered", "decided_locally", "decisions_delayed"))
+
+
+@pytest.mark.parametrize("delay_ms, breaks", [(20, False), (0, True)],
+                         ids=["owner-waits", "owner-decides-at-once"])
+def test_a_flow_that_just_started_elsewhere_keeps_its_backend(eal, delay_ms, breaks):
+    with testbed.Testbed(["lb1", "lb2", "lb3"], BACKENDS[:4]) as tb:
+        tb.set_backends(BACKENDS[1:])
+        while any(lb.cluster._export_cursor is not None for lb in tb.lbs.values()):
+            tb.step()     # the scans after the change end (they flush pushes as they go)
+        for lb in tb.lbs.values():
+            _configure(lb, decision_delay_ms=delay_ms)
+        lb1 = tb.lbs["lb1"]
+        flows = []
+        for f in testbed.flows(400, seed=8):
+            c = lb1.dataplane.classify(_key(f))
+            # Moved buckets that lb1 does not hold: their state must travel.
+            if c.moved and "lb1" not in lb1.cluster.holders(lb1.cluster._table_size(c.vip),
+                                                           c.bucket):
+                flows.append(f)
+        assert len(flows) > 20
+
+        # The flows start at lb1, whose pushes are slow to leave.
+        _configure(lb1, push_interval_ms=60_000)
+        tb.set_router(["lb1"])
+        tb.send(flows, "S")
+        # Their next packets reach lb3 (the router changed) before the pushes.
+        mac = tb.lbs["lb3"].port.mac
+        tb._inject("lb3", [fr for f in flows for fr in f.frames(mac, testbed.CLIENT_MAC, ["PA"])])
+        deadline = time.monotonic() + 10
+        while _heard(tb) < len(flows):
+            assert time.monotonic() < deadline, ("the owners never heard of every flow",
+                                                 len(flows), {n: dict(tb.lbs[n].cluster.counters)
+                                                              for n in ("lb1", "lb2", "lb3")})
+            tb.step()
+        _configure(lb1, push_interval_ms=1)
+        tb.settle()
+
+        assert (tb.broken(flows) > 0) == breaks
+        if not breaks:
+            waited = sum(tb.lbs[n].cluster.counters["undecided_got_state"] for n in ("lb2", "lb3"))
+            assert waited == len(flows)
