@@ -499,7 +499,7 @@ struct pylb_stats {
     uint64_t fwd_table;         /* existing flow, stable bucket, by the table */
     uint64_t fwd_fragment;      /* IP fragment, by the 3-tuple */
     uint64_t fwd_verdict;       /* held, then forwarded by Python's verdict */
-    uint64_t fwd_for_peer;      /* packets a peer sent us (as owner), forwarded */
+    uint64_t fwd_for_peer;      /* forwarded by Python as owner: a peer's, or kept while deciding */
     uint64_t fwd_for_peer_failed; /* of those, not sent (no neighbour, too big...) */
     uint64_t peer_sent;         /* peer protocol datagrams sent */
     uint64_t peer_rx;           /* peer protocol datagrams put on the peer ring */

@@ -313,7 +313,8 @@ class Balancer:
         if traffic != clock["traffic"]:
             clock["traffic"], clock["last_traffic"] = traffic, now
         handoff = self.configured.cluster.handoff_period if self.cluster is not None else 0.0
-        pending = len(self.cluster.pending) if self.cluster is not None else 0
+        pending = len(self.cluster.pending) + len(self.cluster.undecided) \
+            if self.cluster is not None else 0
         quiet = now - clock["last_traffic"]
         if now - clock["started"] >= d.timeout:
             st.update(state="done", detail=f"timed out after {d.timeout} s; VIP packets still "
@@ -642,7 +643,10 @@ class Balancer:
         last_solicit = last_snapshot = last_drain_check = time.monotonic()
         self.publish_snapshot()
         while not should_stop():
-            self.step(max_bursts=1024, max_idle_us=20_000)
+            # Shorter idle while an owner waits for state: the wait ends
+            # between polls (cluster.decision_delay_ms).
+            waiting = self.cluster is not None and self.cluster.undecided
+            self.step(max_bursts=1024, max_idle_us=2_000 if waiting else 20_000)
             self.run_commands()
             now = time.monotonic()
             if self.drain_state is not None and now - last_drain_check >= 0.2:

@@ -222,11 +222,13 @@ class ClusterNode:
             return None
         kb = key.to_bytes()
         held = self.store.get(kb)
-        waiting = self.undecided.get(kb)
-        if waiting is not None and held is None:
-            waiting.packets.append(self._held_ip(p.slot))
-            waiting.local = True
-            return Verdict(p.slot, Action.PEER)     # kept here until decided
+        if kb in self.undecided:
+            if held is None:
+                self._wait_for_state(key, p.flow_id, p.reason == PuntReason.UDP_MOVED,
+                                     self._held_ip(p.slot), local=True)
+                return Verdict(p.slot, Action.PEER)     # kept here until decided
+            # The state came by another way (a refresh): the kept packets first.
+            self._decided(self.undecided.pop(kb), held)
         if held is not None:
             # Owner, backup, or a former holder: the state is here.
             self.counters["decided_from_store"] += 1
@@ -237,7 +239,7 @@ class ClusterNode:
         targets = [h for h in dict.fromkeys(holders + former) if h != self.name]
         if holders[0] == self.name:
             targets = [h for h in self.former_holders(size, p.bucket) if h != self.name]
-            if not targets and self.config.decision_delay_ms:
+            if not targets and self.config.decision_delay():
                 self._wait_for_state(key, p.flow_id, p.reason == PuntReason.UDP_MOVED,
                                      self._held_ip(p.slot), local=True)
                 return Verdict(p.slot, Action.PEER)     # kept here until decided
@@ -352,7 +354,7 @@ class ClusterNode:
         kb = key.to_bytes()
         waiting = self.undecided.get(kb)
         if waiting is None:
-            due = time.monotonic() + self.config.decision_delay_ms / 1000.0
+            due = time.monotonic() + self.config.decision_delay() / 1000.0
             waiting = self.undecided[kb] = Undecided(key, flow_id, udp, due, [])
             self.counters["decisions_delayed"] += 1
         if len(waiting.packets) < MAX_UNDECIDED_PACKETS:
@@ -370,8 +372,14 @@ class ClusterNode:
             del self.undecided[kb]
             c = self._classify(waiting.key)
             holders = self.holders(self._table_size(c.vip), c.bucket) if c else []
+            mine = self.name in holders
             rec = self._decide_as_owner(waiting.key, waiting.flow_id, waiting.udp, holders,
-                                        record=self.name in holders) if c else None
+                                        record=mine) if c else None
+            if rec is not None and not mine:
+                # Ownership moved during the wait: the decision goes to the
+                # holders, as a former holder's does (_on_request).
+                for h in holders:
+                    self._queue(h, rec, MessageType.STATE_PUSH)
             self._decided(waiting, rec)
 
     def _decided(self, waiting: Undecided, rec: StateRecord | None) -> None:
@@ -477,11 +485,13 @@ class ClusterNode:
                     self.counters["asked_former_holder"] += 1
                     return
                 self.pending.pop(kb, None)
-        waiting = self.undecided.get(kb)
-        if rec is None and (waiting is not None or (self.name in holders
-                                                    and self.config.decision_delay_ms)):
+        if rec is None and (kb in self.undecided or (self.name in holders
+                                                     and self.config.decision_delay())):
             self._wait_for_state(key, c.flow_id, key.proto == UDP, msg.packet, waiter=sender)
             return
+        if rec is not None and kb in self.undecided:
+            # The state came by another way (a refresh): the kept packets first.
+            self._decided(self.undecided.pop(kb), rec)
         if rec is None:
             # Asked without holding the bucket (a former holder during a
             # transition, or another view): the decision goes to the holders,
@@ -556,10 +566,10 @@ class ClusterNode:
     def _store(self, rec: StateRecord) -> None:
         """Keeps state from a peer; a flow waiting for it is decided now."""
         self.store.put(rec)
-        waiting = self.undecided.pop(rec.key, None)
-        if waiting is not None:
+        held = self.store.get(rec.key)      # None: it arrived expired already
+        if held is not None and rec.key in self.undecided:
             self.counters["undecided_got_state"] += 1
-            self._decided(waiting, self.store.get(rec.key))
+            self._decided(self.undecided.pop(rec.key), held)
 
     def _pass_on_and_keep(self, sender: str, rec: StateRecord) -> bool:
         """A push from a balancer with another set of members (it has not

@@ -282,6 +282,9 @@ class Vip(Strict):
         return 6 if self.protocol == "tcp" else 17
 
 
+DEFAULT_DECISION_DELAY_MS = 20
+
+
 class Member(Strict):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     address: IPAddress
@@ -297,7 +300,7 @@ class Cluster(Strict):
     state_exchange: bool = True
     previous_retire_after: Optional[float] = Field(None, gt=0, le=86400 * 7)
     request_timeout_ms: int = Field(50, ge=1, le=10_000)
-    decision_delay_ms: int = Field(20, ge=0, le=10_000)
+    decision_delay_ms: Optional[int] = Field(None, ge=0, le=10_000)
     request_retries: int = Field(2, ge=0, le=10)
     push_interval_ms: int = Field(5, ge=1, le=10_000)
     refresh_interval: float = Field(10.0, gt=0, le=3600)
@@ -305,11 +308,19 @@ class Cluster(Strict):
 
     @model_validator(mode="after")
     def _delay_within_timeout(self):
-        # A request must be answered before the asker retries it.
-        if self.decision_delay_ms >= self.request_timeout_ms:
-            raise ValueError(f"decision_delay_ms {self.decision_delay_ms} must be shorter than "
+        # A request must be answered before the asker retries it, and the
+        # wait is only checked between polls.
+        if self.decision_delay_ms is not None and \
+                2 * self.decision_delay_ms > self.request_timeout_ms:
+            raise ValueError(f"decision_delay_ms {self.decision_delay_ms} is more than half of "
                              f"request_timeout_ms {self.request_timeout_ms}")
         return self
+
+    def decision_delay(self) -> int:
+        """decision_delay_ms, by default 20 ms but at most half the request timeout."""
+        if self.decision_delay_ms is not None:
+            return self.decision_delay_ms
+        return min(DEFAULT_DECISION_DELAY_MS, self.request_timeout_ms // 2)
 
     @model_validator(mode="after")
     def _unique(self):

@@ -151,7 +151,13 @@ class Testbed:
         return self.router[h % len(self.router)]
 
     def send(self, flows: list[traffic.Flow], kind: str) -> None:
-        """One frame of each flow through the router."""
+        """One frame of each flow through the router, then settle()."""
+        self.send_unsettled(flows, kind)
+        self.settle()
+
+    def send_unsettled(self, flows: list[traffic.Flow], kind: str) -> None:
+        """One frame of each flow through the router, handed to the
+        balancers; nothing runs yet."""
         by_lb = defaultdict(list)
         for f in flows:
             self.sent_by_flow[_fkey(f)] += 1
@@ -161,7 +167,6 @@ class Testbed:
         for lb, frames in by_lb.items():
             self._inject(lb, frames)
             self.sent_frames += len(frames)
-        self.settle()
 
     def _inject(self, lb: str, frames: list[bytes]) -> None:
         if lb not in self.alive:

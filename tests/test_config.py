@@ -107,3 +107,26 @@ def test_missing_file():
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "examples").glob("*.yaml")))
 def test_examples_are_valid(name):
     config.load(ROOT / "examples" / name)
+
+
+def _with_cluster(**cluster) -> dict:
+    data = copy.deepcopy(GOOD)
+    data["cluster"] = {"balancers": [{"name": data["balancer"]["name"],
+                                      "address": data["balancer"]["data"]["address_v4"]}],
+                       **cluster}
+    return data
+
+
+@pytest.mark.parametrize("cluster, delay", [
+    ({}, 20),                                          # the default
+    ({"request_timeout_ms": 30}, 15),                  # at most half the timeout, unset
+    ({"request_timeout_ms": 30, "decision_delay_ms": 0}, 0),
+])
+def test_an_owner_waits_for_state_at_most_half_the_request_timeout(cluster, delay):
+    assert config.parse(_with_cluster(**cluster), "test.yaml").cluster.decision_delay() == delay
+
+
+def test_a_decision_delay_the_asker_would_not_wait_for_is_refused():
+    with pytest.raises(ConfigError) as err:
+        config.parse(_with_cluster(request_timeout_ms=30, decision_delay_ms=20), "test.yaml")
+    assert "decision_delay_ms 20 is more than half of request_timeout_ms 30" in str(err.value)

@@ -33,15 +33,23 @@ def _heard(tb) -> int:
                for c in ("requests_answered", "decided_locally", "decisions_delayed"))
 
 
-@pytest.mark.parametrize("delay_ms, breaks", [(20, False), (0, True)],
-                         ids=["owner-waits", "owner-decides-at-once"])
-def test_a_flow_that_just_started_elsewhere_keeps_its_backend(eal, delay_ms, breaks):
+@pytest.mark.parametrize("delay_ms, push_in_time, breaks", [
+    # Long enough for a loaded machine: the push comes well within it.
+    (1000, True, False),
+    (0, True, True),
+    # The push never comes in time: rule 4 decides when the wait ends,
+    # and the packets kept meanwhile are forwarded, none lost.
+    (200, False, True),
+], ids=["owner-waits", "owner-decides-at-once", "wait-runs-out"])
+def test_a_flow_that_just_started_elsewhere_keeps_its_backend(eal, delay_ms, push_in_time,
+                                                             breaks):
     with testbed.Testbed(["lb1", "lb2", "lb3"], BACKENDS[:4]) as tb:
         tb.set_backends(BACKENDS[1:])
         while any(lb.cluster._export_cursor is not None for lb in tb.lbs.values()):
             tb.step()     # the scans after the change end (they flush pushes as they go)
         for lb in tb.lbs.values():
-            _configure(lb, decision_delay_ms=delay_ms)
+            # No retry while an owner waits: each packet is delivered once.
+            _configure(lb, decision_delay_ms=delay_ms, request_timeout_ms=5000)
         lb1 = tb.lbs["lb1"]
         flows = []
         for f in testbed.flows(400, seed=8):
@@ -57,18 +65,24 @@ def test_a_flow_that_just_started_elsewhere_keeps_its_backend(eal, delay_ms, bre
         tb.set_router(["lb1"])
         tb.send(flows, "S")
         # Their next packets reach lb3 (the router changed) before the pushes.
-        mac = tb.lbs["lb3"].port.mac
-        tb._inject("lb3", [fr for f in flows for fr in f.frames(mac, testbed.CLIENT_MAC, ["PA"])])
+        tb.set_router(["lb3"])
+        tb.send_unsettled(flows, "PA")
         deadline = time.monotonic() + 10
         while _heard(tb) < len(flows):
             assert time.monotonic() < deadline, ("the owners never heard of every flow",
                                                  len(flows), {n: dict(tb.lbs[n].cluster.counters)
                                                               for n in ("lb1", "lb2", "lb3")})
             tb.step()
+        if not push_in_time:
+            tb.settle()                      # the owners decide without the pushes
         _configure(lb1, push_interval_ms=1)
         tb.settle()
+        tb.send(flows, "PA")
 
         assert (tb.broken(flows) > 0) == breaks
-        if not breaks:
-            waited = sum(tb.lbs[n].cluster.counters["undecided_got_state"] for n in ("lb2", "lb3"))
-            assert waited == len(flows)
+        assert tb.lost(flows) == 0 and tb.duplicated(flows) == 0
+        owners = [tb.lbs[n].cluster.counters for n in ("lb2", "lb3")]
+        got_state = sum(c["undecided_got_state"] for c in owners)
+        delayed = sum(c["decisions_delayed"] for c in owners)
+        assert got_state == (len(flows) if push_in_time and delay_ms else 0)
+        assert delayed == (len(flows) if delay_ms else 0)
