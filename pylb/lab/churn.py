@@ -97,6 +97,9 @@ class ModeResult:
     states: list[tuple[str, ClusterState]] = field(default_factory=list)
     config_of: object = None
     drains: dict[str, DrainRecord] = field(default_factory=dict)   # step e
+    # Failed connections ("src -> dst") -> what each running balancer held
+    # for them at the end (pylb flows): where the failure happened.
+    seen: dict[str, str] = field(default_factory=dict)
 
     @property
     def t0(self) -> float:
@@ -209,6 +212,40 @@ class Progress(threading.Thread):
                 self.echo(f"(progress unavailable: {exc})")
 
 
+def where_failures_are(lab: Lab, results, limit: int = 20) -> dict[str, str]:
+    """For the failed connections (broken echo, failed HTTP), what each
+    running balancer still holds for them (`pylb flows`: cached, stored as
+    owner or backup): where a failure happened, for its report. Entries of
+    ended flows stay cached for the closing timeout, so most are there."""
+    from pylb.admin import Client
+    from pylb.errors import PylbError
+
+    failed = []
+    for r in results:
+        failed += [f"{c['src']} -> {c['dst']}" for c in r["connections"] if c["broken"]]
+        failed += [f"{h[5]} -> {'[' + VIP6 + ']' if h[4] == 6 else VIP4}:{HTTP_PORT}"
+                   for h in r["http"] if not h[2]]
+    out = {}
+    for flow in failed[:limit]:
+        parts = []
+        for name, lb in lab.balancers.items():
+            if lb.process.returncode is not None:
+                continue
+            try:
+                f = Client(str(lab.admin_socket(name)), timeout=3).request(
+                    "GET", "/flows", query={"flow": f"tcp {flow}"})
+            except PylbError:
+                continue
+            cached, stored = f.get("cached_here"), f.get("stored_here")
+            if cached or stored:
+                parts.append(f"{name}: " + ", ".join(filter(None, [
+                    cached and f"cached -> {cached['backend']} ({cached['idle_ms']} ms idle)",
+                    stored and f"stored -> {stored['address']}"
+                               f"{' (closing)' if stored['closing'] else ''}"])))
+        out[flow] = "; ".join(parts) or "held by no running balancer"
+    return out
+
+
 def balancer_status(lab: Lab) -> dict[str, dict]:
     """Each balancer's state from its admin API (counters of the data path
     and of the state exchange), for the summary: the running ones now, a
@@ -319,6 +356,7 @@ def run_mode(lab: Lab, exchange: bool, plan: Plan, echo=print) -> ModeResult:
         progress.join(2.0)
     fabric_after = lab.fabric_packets()
     status = balancer_status(lab)
+    seen = where_failures_are(lab, clients.results.values()) if exchange else {}
     lab.stop_balancers()
     result = ModeResult(exchange, plan, steps, end, started=started, traffic_from=traffic_from,
                         states=states, config_of=lambda st: lab.config(st.members[0], st))
@@ -327,6 +365,7 @@ def run_mode(lab: Lab, exchange: bool, plan: Plan, echo=print) -> ModeResult:
         result.http += r["http"]
     result.fabric = {n: fabric_after.get(n, 0) - fabric_before.get(n, 0) for n in fabric_after}
     result.drains = {name: lb.drain for name, lb in lab.balancers.items() if lb.drain}
+    result.seen = seen
     for name, lb in lab.balancers.items():
         log = lab.save_log(lb, "-on" if exchange else "-off")
         result.balancers[name] = {"pid": lb.process.pid, "rc": lb.rc, "killed": lb.killed,

@@ -105,7 +105,8 @@ def describe_failure(result, c: dict) -> str:
     return (f"  {c['id']} {c['src']} -> {c['dst']} (backend {c['backend'] or '?'}): "
             f"{b['reason']}; no progress from {b['since'] - result.t0:.2f} s "
             f"(step {step.key}: {step.label}), given up at {b['at'] - result.t0:.2f} s\n"
-            f"      {flow_facts(result, c['src'], c['dst'])}")
+            f"      {flow_facts(result, c['src'], c['dst'])}"
+            + _seen(result, f"{c['src']} -> {c['dst']}"))
 
 
 def describe_http_failure(result, r: list) -> str:
@@ -113,7 +114,13 @@ def describe_http_failure(result, r: list) -> str:
     vip = "[2001:db8:10::10]:80" if r[4] == 6 else "192.0.2.10:80"
     return (f"  HTTP {r[5]} -> {vip}: {r[3]}, started at {r[0] - result.t0:.2f} s "
             f"(step {step.key}: {step.label}), ended at {r[1] - result.t0:.2f} s\n"
-            f"      {flow_facts(result, r[5], vip)}")
+            f"      {flow_facts(result, r[5], vip)}{_seen(result, f'{r[5]} -> {vip}')}")
+
+
+def _seen(result, flow: str) -> str:
+    """What the balancers held for a failed flow at the end of the run."""
+    seen = result.seen.get(flow)
+    return f"\n      at the end: {seen}" if seen else ""
 
 
 def summary(result) -> str:
