@@ -37,7 +37,6 @@ FIN_RST = 0x05
 AUTHORITATIVE = 1 << 63
 PEER_MTU_MAX = 1968       # IP packet: fits a 2 KB mbuf and af_packet's frames
 MAX_QUEUED = 100_000      # records kept per peer and kind while it cannot be reached
-ETH_FOR = {4: b"\0" * 12 + b"\x08\x00", 6: b"\0" * 12 + b"\x86\xdd"}
 EXPORT_CHUNK = 1024       # cache entries copied out per call when pushing after a change
 EXPORT_CHUNKS_PER_TICK = 64   # bounds the loop's pause: ~64k entries a round
 CLEAN_REPEATS = 3         # rounds an owner announces a retired bucket (datagrams get lost)
@@ -58,6 +57,10 @@ class Pending:
     tries: int = 1
     local: bool = False         # asked for traffic of this balancer: cache the answer
     waiters: list[str] = field(default_factory=list)   # peers whose requests wait on it
+    # packet goes in requests as its headers only (too large for a request,
+    # or it came so): whoever holds the packet forwards it, not the receiver.
+    headers_only: bool = False
+    kept: list[bytes] = field(default_factory=list)    # such packets of this balancer's
 
 
 @dataclass
@@ -259,9 +262,13 @@ class ClusterNode:
         else:
             pend.packet = ip
         pend.local = True
-        # Every packet of the flow goes via the owner until the answer is here.
+        # Every packet of the flow goes via the owner until the answer is
+        # here; one too large for a request goes as its headers and waits here.
+        pend.headers_only = not self._request_fits(ip, pend.targets)
         if not self._send_request(pend):
             return self._fallback(pend, p.slot)
+        if pend.headers_only:
+            self._keep(pend, ip)
         return Verdict(p.slot, Action.PEER)
 
     def _new_state(self, key: FlowKey, p: Punt, vip: str, holders: list[str]) -> None:
@@ -301,11 +308,26 @@ class ClusterNode:
                 self._queue(h, rec, MessageType.STATE_PUSH)
         return rec
 
+    def _request_fits(self, ip_packet: bytes, targets: list[str]) -> bool:
+        """Whether the packet fits a STATE_REQUEST to every one of targets."""
+        mtu, keyed = self._peer_mtu(), self.key is not None
+        return all(peer.request_fits(len(ip_packet), mtu, self._address(t).version, keyed)
+                   for t in targets if self._address(t) is not None)
+
+    def _keep(self, pend: Pending, ip_packet: bytes) -> None:
+        if len(pend.kept) < MAX_UNDECIDED_PACKETS:
+            pend.kept.append(ip_packet)
+            self.counters["requests_headers_only"] += 1
+        else:
+            self.counters["undecided_packets_dropped"] += 1
+
     def _send_request(self, pend: Pending) -> bool:
+        payload = packet.ip_headers(pend.packet) if pend.headers_only else pend.packet
         while pend.targets:
             target = pend.targets[0]
             try:
-                self._send(target, MessageType.STATE_REQUEST, (), pend.packet)
+                self._send(target, MessageType.STATE_REQUEST, (), payload,
+                           headers_only=pend.headers_only)
                 self.counters["requests_sent"] += 1
                 return True
             except Exception as exc:  # unreachable next hop: try the backup
@@ -330,16 +352,27 @@ class ClusterNode:
                   flow_id=flow_label(pend.flow_id),
                   backend=None if rec is None else str(rec.backend))
         if rec is None:
+            self.counters["undecided_packets_dropped"] += len(pend.kept)
             return Verdict(slot, Action.DROP) if slot is not None else None
         backend = self._backend_id(c.vip, rec.backend)
         for waiter in pend.waiters:
             self._answer(waiter, rec)
         if slot is not None:
+            self._settle(pend, backend, cache=False)    # the verdict caches
             return Verdict(slot, Action.FORWARD, backend, cache=True)
-        self._forward_for(pend.packet, backend, pend.flow_id, pend.key)
-        if pend.local:
-            self._cache(pend.key, pend.flow_id, backend)
+        if not pend.headers_only:
+            self._forward_for(pend.packet, backend, pend.flow_id, pend.key)
+        self._settle(pend, backend)
         return None
+
+    def _settle(self, pend: Pending, backend: int, cache: bool = True) -> None:
+        """This balancer's own traffic of a decided flow: the packets too
+        large for a request forwarded, the decision cached."""
+        for ip in pend.kept:
+            self._forward_for(ip, backend, pend.flow_id, pend.key)
+        pend.kept = []
+        if pend.local and cache:
+            self._cache(pend.key, pend.flow_id, backend)
 
     def _held_ip(self, slot: int) -> bytes:
         """The IP packet of a held frame (no Ethernet header)."""
@@ -347,7 +380,7 @@ class ClusterNode:
         parsed = packet.parse(frame)
         return frame[parsed.l2_len:parsed.l2_len + parsed.l3_total]
 
-    def _wait_for_state(self, key: FlowKey, flow_id: int, udp: bool, ip_packet: bytes,
+    def _wait_for_state(self, key: FlowKey, flow_id: int, udp: bool, ip_packet: bytes | None,
                         waiter: str | None = None, local: bool = False) -> None:
         """Rule 4 at the owner, after cluster.decision_delay_ms unless the
         flow's state comes first; its packets wait here meanwhile."""
@@ -357,7 +390,9 @@ class ClusterNode:
             due = time.monotonic() + self.config.decision_delay() / 1000.0
             waiting = self.undecided[kb] = Undecided(key, flow_id, udp, due, [])
             self.counters["decisions_delayed"] += 1
-        if len(waiting.packets) < MAX_UNDECIDED_PACKETS:
+        if ip_packet is None:
+            pass        # a headers-only request: its asker keeps the packet
+        elif len(waiting.packets) < MAX_UNDECIDED_PACKETS:
             waiting.packets.append(ip_packet)
         else:
             self.counters["undecided_packets_dropped"] += 1
@@ -458,7 +493,7 @@ class ClusterNode:
         answer with the state (rule 4 when it has none). A new holder without
         the state during a transition asks the former holders first. False:
         the packet is no flow of a VIP (malformed, counted here)."""
-        inner = packet.parse(ETH_FOR[msg.packet[0] >> 4] + msg.packet)
+        inner = packet.parse(packet.ETH_FOR[msg.packet[0] >> 4] + msg.packet)
         if inner.result != packet.ParseResult.OK or not inner.sport:
             self.peer_stats.count("malformed")
             return False
@@ -471,6 +506,7 @@ class ClusterNode:
         holders = self.holders(size, c.bucket)
         kb = key.to_bytes()
         rec = self.store.get(kb)
+        unasked = None      # a request to the former holders that could not be sent
         if rec is None and self.name in holders:
             former = [h for h in self.former_holders(size, c.bucket) if h not in (self.name, sender)]
             if former:
@@ -478,16 +514,25 @@ class ClusterNode:
                 if pend is None:
                     pend = self.pending[kb] = Pending(key, msg.packet, c.flow_id, former,
                                                       time.monotonic())
-                pend.packet = msg.packet
+                pend.packet, pend.headers_only = msg.packet, msg.headers_only
                 if sender not in pend.waiters:
                     pend.waiters.append(sender)
                 if self._send_request(pend):
                     self.counters["asked_former_holder"] += 1
                     return
-                self.pending.pop(kb, None)
+                unasked = self.pending.pop(kb)
         if rec is None and (kb in self.undecided or (self.name in holders
                                                      and self.config.decision_delay())):
-            self._wait_for_state(key, c.flow_id, key.proto == UDP, msg.packet, waiter=sender)
+            self._wait_for_state(key, c.flow_id, key.proto == UDP,
+                                 None if msg.headers_only else msg.packet, waiter=sender)
+            if unasked is not None:
+                # Its other askers and this balancer's own packets wait too.
+                for waiter in unasked.waiters:
+                    self._wait_for_state(key, c.flow_id, key.proto == UDP, None, waiter=waiter)
+                for ip in unasked.kept:
+                    self._wait_for_state(key, c.flow_id, key.proto == UDP, ip, local=True)
+                if unasked.local:
+                    self.undecided[kb].local = True
             return
         if rec is not None and kb in self.undecided:
             # The state came by another way (a refresh): the kept packets first.
@@ -506,9 +551,17 @@ class ClusterNode:
         if inner.tcp_flags & FIN_RST and not rec.closing:
             rec = dataclasses.replace(rec, closing=True, version=rec.version + 1)
             self.store.put(rec)
-        self._forward_for(msg.packet, self._backend_id(c.vip, rec.backend), c.flow_id, key)
+        backend = self._backend_id(c.vip, rec.backend)
+        if not msg.headers_only:
+            self._forward_for(msg.packet, backend, c.flow_id, key)
         self._answer(sender, rec)
         self.counters["requests_answered"] += 1
+        if unasked is not None:
+            for waiter in unasked.waiters:
+                if waiter != sender:
+                    self._answer(waiter, rec)
+                    self.counters["requests_answered"] += 1
+            self._settle(unasked, backend)
 
     def _on_answer(self, sender: str, msg) -> None:
         rec = msg.records[0]
@@ -525,8 +578,8 @@ class ClusterNode:
         for waiter in pend.waiters:
             self._answer(waiter, rec)
             self.counters["requests_answered"] += 1
+        self._settle(pend, self._backend_id(c.vip, rec.backend))
         if pend.local:
-            self._cache(key, c.flow_id, self._backend_id(c.vip, rec.backend))
             self.exchanged[rec.key] = (key, c.flow_id, rec.version)
             self.counters["answers_cached"] += 1
 
@@ -835,13 +888,17 @@ class ClusterNode:
         2 KB): whatever the data MTU, they stay within PEER_MTU_MAX."""
         return min(self.lb.config.balancer.data.mtu, PEER_MTU_MAX)
 
-    def _send(self, target: str, kind: MessageType, records, packet_bytes: bytes | None = None):
+    def _address(self, target: str):
         # A former member still answers and asks during a transition.
-        address = self.members.get(target) or self._prev_members.get(target)
+        return self.members.get(target) or self._prev_members.get(target)
+
+    def _send(self, target: str, kind: MessageType, records, packet_bytes: bytes | None = None,
+              headers_only: bool = False):
+        address = self._address(target)
         if address is None:
             raise PylbError(f"no address for balancer {target}")
         msg = peer.Message(kind, peer.balancer_id(self.name), self.view, self._next_seq(),
-                           tuple(records), packet_bytes)
+                           tuple(records), packet_bytes, headers_only)
         self.lb.worker.send_peer(address, peer.encode(msg, self.key))
 
     def _answer(self, target: str, rec: StateRecord) -> None:

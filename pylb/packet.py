@@ -84,6 +84,43 @@ def parse(frame: bytes) -> Parsed:
     )
 
 
+# An Ethernet header to parse a bare IP packet with (parse takes frames).
+ETH_FOR = {4: b"\0" * 12 + b"\x08\x00", 6: b"\0" * 12 + b"\x86\xdd"}
+_TCP = 6
+
+
+def ip_headers(ip_packet: bytes) -> bytes:
+    """The packet cut after its transport header, its length fields (IP,
+    UDP) rewritten to match, and the IPv4 header checksum, so that it parses as a
+    whole packet with the same flow key and TCP flags: what a headers-only
+    state request carries (docs/peer-protocol.md). ValueError if the packet
+    does not parse with a transport header."""
+    version = ip_packet[0] >> 4 if ip_packet else 0
+    if version not in ETH_FOR:
+        raise ValueError("not an IP packet")
+    p = parse(ETH_FOR[version] + ip_packet)
+    if p.result != ParseResult.OK or not p.flags & ParseFlag.HAS_L4 or not p.sport:
+        raise ValueError("not an IP packet with a TCP or UDP header")
+    l4_len = (ip_packet[p.l3_len + 12] >> 4) * 4 if p.l4_proto == _TCP else 8
+    cut = bytearray(ip_packet[:p.l3_len + l4_len])
+    if p.l4_proto != _TCP:
+        cut[p.l3_len + 4:p.l3_len + 6] = (8).to_bytes(2, "big")     # UDP length
+    if version == 4:
+        cut[2:4] = len(cut).to_bytes(2, "big")
+        cut[10:12] = b"\0\0"
+        cut[10:12] = _ip_checksum(bytes(cut[:p.l3_len])).to_bytes(2, "big")
+    else:
+        cut[4:6] = (len(cut) - 40).to_bytes(2, "big")
+    return bytes(cut)
+
+
+def _ip_checksum(header: bytes) -> int:
+    total = sum(int.from_bytes(header[i:i + 2], "big") for i in range(0, len(header), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
 def _mac(value: str | bytes) -> bytes:
     raw = bytes.fromhex(value.replace(":", "")) if isinstance(value, str) else bytes(value)
     if len(raw) != 6:

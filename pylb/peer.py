@@ -39,6 +39,10 @@ MAC_LEN = 16
 HASH_SEED = MAGIC
 
 FLAG_HMAC = 0x0001
+# STATE_REQUEST only: the payload is the packet's IP and transport headers
+# (lengths rewritten to match); the packet itself is too large for a request,
+# so the asker keeps it and forwards it when the answer comes.
+FLAG_HEADERS_ONLY = 0x0002
 _RECORD_CLOSING = 0x01
 _U32, _U64 = (1 << 32) - 1, (1 << 64) - 1
 _MAX_PAYLOAD = 0xFFFF       # payload_len is 16 bits
@@ -230,6 +234,7 @@ class Message:
     seq: int
     records: tuple = ()
     packet: bytes | None = None     # STATE_REQUEST only: the client's IP packet
+    headers_only: bool = False      # STATE_REQUEST only: packet is its headers (FLAG_HEADERS_ONLY)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "type", MessageType(self.type))
@@ -244,7 +249,7 @@ class Message:
             if len(self.packet) > _MAX_PAYLOAD:
                 raise ValueError(f"a packet of {len(self.packet)} bytes does not fit a message")
             return
-        if self.packet is not None:
+        if self.packet is not None or self.headers_only:
             raise ValueError(f"a {self.type.name} carries no packet")
         cls = _record_class(self.type)
         if not all(isinstance(r, cls) for r in self.records):
@@ -275,7 +280,8 @@ def _mac(key: bytes, signed: bytes) -> bytes:
 def encode(msg: Message, key: bytes | None) -> bytes:
     """The UDP payload of msg; with a key it carries the HMAC trailer."""
     payload = _payload(msg)
-    header = _HEADER.pack(MAGIC, VERSION, msg.type, FLAG_HMAC if key is not None else 0,
+    flags = (FLAG_HMAC if key is not None else 0) | (FLAG_HEADERS_ONLY if msg.headers_only else 0)
+    header = _HEADER.pack(MAGIC, VERSION, msg.type, flags,
                           msg.sender, msg.view.member_gen, msg.view.member_hash,
                           msg.view.table_gen, msg.seq, len(msg.records), len(payload), bytes(12))
     signed = header + payload
@@ -288,6 +294,15 @@ def records_per_message(type_: MessageType, mtu: int, ip_version: int, keyed: bo
         raise ValueError(f"ip_version is 4 or 6, not {ip_version!r}")
     room = mtu - _IP_HEADER_LEN[ip_version] - _UDP_LEN - HEADER_LEN - (MAC_LEN if keyed else 0)
     return max(0, min(room, _MAX_PAYLOAD)) // _record_len(MessageType(type_))
+
+
+def request_fits(packet_len: int, mtu: int, ip_version: int, keyed: bool) -> bool:
+    """Whether a STATE_REQUEST carrying a whole packet of packet_len bytes fits
+    one datagram whose IP packet is at most mtu."""
+    if ip_version not in _IP_HEADER_LEN:
+        raise ValueError(f"ip_version is 4 or 6, not {ip_version!r}")
+    overhead = _IP_HEADER_LEN[ip_version] + _UDP_LEN + HEADER_LEN + (MAC_LEN if keyed else 0)
+    return packet_len + overhead <= mtu
 
 
 def encode_batches(type_: MessageType, sender: int, view: View, next_seq: Callable[[], int],
@@ -323,8 +338,10 @@ def decode(data: bytes, key: bytes | None) -> Message:
         type_ = MessageType(type_number)
     except ValueError:
         raise _malformed(f"type {type_number}") from None
-    if flags & ~FLAG_HMAC or any(reserved):
+    if flags & ~(FLAG_HMAC | FLAG_HEADERS_ONLY) or any(reserved):
         raise _malformed("unknown flags or non-zero reserved bytes")
+    if flags & FLAG_HEADERS_ONLY and type_ != MessageType.STATE_REQUEST:
+        raise _malformed(f"a {type_.name} flagged headers-only")
     mac_len = MAC_LEN if flags & FLAG_HMAC else 0
     if len(data) != HEADER_LEN + payload_len + mac_len:
         raise _malformed(f"{len(data)} bytes for a payload of {payload_len}")
@@ -350,7 +367,8 @@ def decode(data: bytes, key: bytes | None) -> Message:
     if type_ == MessageType.STATE_REQUEST:
         if not _is_ip_packet(payload):
             raise _malformed("a STATE_REQUEST without an IP packet")
-        return Message(type_, sender, view, seq, (), payload)
+        return Message(type_, sender, view, seq, (), payload,
+                       headers_only=bool(flags & FLAG_HEADERS_ONLY))
     try:
         records = tuple(_decode_records(type_, payload))
     except ValueError as err:

@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from pylb import config as config_mod
-from pylb import packet, traffic
+from pylb import packet, peer, traffic
 from pylb.balancer import Balancer
 from pylb.flow_id import FlowKey, hash_bytes
 
@@ -61,6 +61,7 @@ class Testbed:
         self.sent_frames = 0
         self.sent_by_flow: dict = defaultdict(int)
         self.lost_peer_frames = 0
+        self.losses: set[tuple[str, int]] = set()      # (balancer, peer message type)
         try:
             for name in self.names:
                 self.lbs[name] = Balancer(self.config(name))
@@ -200,11 +201,24 @@ class Testbed:
         # answers as a former holder, and frames to a dead one are lost.
         for name, i in self.index.items():
             if lb_address(i) == dst:
+                if self._lost_on_the_way(name, p, frame):
+                    self.lost_peer_frames += 1
+                    return
                 self._inject(name, [frame])
                 return
         d = traffic.decapsulate(frame)
         if d is not None:
             self.received.record(d)
+
+    def lose(self, to: str, kind: peer.MessageType) -> None:
+        """From now on, peer messages of this kind to this balancer are lost."""
+        self.losses.add((to, kind))
+
+    def _lost_on_the_way(self, to: str, p: packet.Parsed, frame: bytes) -> bool:
+        if not self.losses:
+            return False
+        message = frame[p.l2_len + p.l3_len + 8:]
+        return len(message) > 5 and (to, message[5]) in self.losses
 
     def settle(self, timeout: float = 10.0) -> None:
         """Runs until nothing is in flight and no state request waits."""

@@ -78,10 +78,15 @@ class Flow:
                f"{fmt(self.dst, self.dport)}"
 
     def frames(self, dst_mac: str, src_mac: str, kinds: list[str]) -> list[bytes]:
-        """One frame per kind: TCP flag strings ("S", "PA", "FA") or "U" for UDP."""
+        """One frame per kind: TCP flag strings ("S", "PA", "FA") or "U" for
+        UDP, optionally with the IP packet's size: "PA/1450"."""
         out = []
         for i, kind in enumerate(kinds):
+            kind, _, size = kind.partition("/")
             payload = f"{self} #{i}".encode()
+            if size:
+                headers = (40 if ":" in self.dst else 20) + (8 if kind == "U" else 20)
+                payload = payload.ljust(int(size) - headers, b".")
             l4 = udp(self.sport, self.dport, payload) if kind == "U" else \
                 tcp(self.sport, self.dport, kind, seq=1 + i, payload=payload if kind != "S" else b"")
             out.append(ether(dst_mac, src_mac, ip_packet(self.src, self.dst, self.proto, l4)))

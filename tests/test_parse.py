@@ -260,3 +260,48 @@ def test_mutated_valid_frames(frame: bytes, edits, cut: int):
     for where, value in edits:
         mutated[14 + where % (len(frame) - 14)] = value
     check_invariants(bytes(mutated[:len(mutated) - cut]))
+
+
+# ip_headers: what a headers-only state request carries (docs/peer-protocol.md).
+IP_HEADERS = [
+    ("IPv4 TCP", IP(src=C4, dst=V4) / TCP(sport=40000, dport=80, flags="PA") / Raw(b"x" * 1400),
+     20 + 20),
+    ("IPv4 options, TCP options", IP(src=C4, dst=V4, options=[IPOption_NOP()] * 4)
+     / TCP(sport=40000, dport=80, flags="FA", options=[("MSS", 1460), ("NOP", None)] * 2)
+     / Raw(b"x" * 1000), 24 + 32),
+    ("IPv4 UDP", IP(src=C4, dst=V4) / UDP(sport=5353, dport=53) / Raw(b"x" * 1400), 20 + 8),
+    ("IPv6 TCP", IPv6(src=C6, dst=V6) / TCP(sport=40000, dport=443, flags="A")
+     / Raw(b"x" * 1400), 40 + 20),
+    ("IPv6 hop-by-hop, UDP", IPv6(src=C6, dst=V6) / IPv6ExtHdrHopByHop() / UDP(sport=1, dport=53)
+     / Raw(b"x" * 1400), 40 + 8 + 8),
+]
+
+
+@pytest.mark.parametrize("ip, length", [c[1:] for c in IP_HEADERS], ids=[c[0] for c in IP_HEADERS])
+def test_ip_headers_keep_the_flow_and_its_tcp_flags(ip, length):
+    from pylb.packet import ip_headers
+    whole = bytes(ip)
+    cut = ip_headers(whole)
+    assert len(cut) == length
+    assert cut[:8] != whole[:8] or len(cut) == len(whole)       # a length field rewritten
+    ether = eth(ip)[:14]
+    a, b = parse(ether + whole), parse(ether + cut)
+    assert b.result == R.OK and b.l3_total == len(cut)
+    assert (b.key, b.tcp_flags, b.l4_proto) == (a.key, a.tcp_flags, a.l4_proto)
+    if ip.version == 4:
+        rebuilt = IP(cut)
+        checksum = rebuilt.chksum
+        del rebuilt.chksum
+        assert IP(bytes(rebuilt)).chksum == checksum
+
+
+@pytest.mark.parametrize("ip", [
+    IP(src=C4, dst=V4) / ICMP(),
+    fragment(IP(src=C4, dst=V4) / UDP(sport=1, dport=53) / Raw(b"x" * 2000), fragsize=1000)[1],
+    b"",
+    b"\x50" + bytes(39),
+], ids=["ICMP", "later fragment", "empty", "not IP"])
+def test_ip_headers_refuse_a_packet_without_ports(ip):
+    from pylb.packet import ip_headers
+    with pytest.raises(ValueError):
+        ip_headers(bytes(ip))

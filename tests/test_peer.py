@@ -60,6 +60,8 @@ RECORD_LENS = {StateRecord: RECORD_LEN, RemoveRecord: REMOVE_LEN, CleanRecord: C
 MESSAGES = [
     ("request, IPv4 packet", Message(MessageType.STATE_REQUEST, SENDER, VIEW, 1, (), V4_PACKET)),
     ("request, IPv6 packet", Message(MessageType.STATE_REQUEST, SENDER, VIEW, 2, (), V6_PACKET)),
+    ("request, headers only", Message(MessageType.STATE_REQUEST, SENDER, VIEW, 11, (), V4_PACKET,
+                                      headers_only=True)),
     ("answer", Message(MessageType.STATE_ANSWER, SENDER, VIEW, 3, (state(1),))),
     ("push", Message(MessageType.STATE_PUSH, SENDER, VIEW, 4,
                      tuple(state(i, i % 2) for i in range(18)))),
@@ -188,7 +190,8 @@ MALFORMED = [
     ("version 0", header(version=0) + RECORD),
     ("type 0", header(type_=0) + RECORD),
     ("type 8", header(type_=8) + RECORD),
-    ("unknown flag", header(flags=0x0002) + RECORD),
+    ("unknown flag", header(flags=0x0004) + RECORD),
+    ("headers-only flag on a push", header(flags=0x0002) + RECORD),
     ("reserved byte set", header(reserved=b"\0" * 11 + b"\1") + RECORD),
     ("payload_len too small", header(payload_len=RECORD_LEN - 1) + RECORD),
     ("payload_len too big", header(payload_len=RECORD_LEN + 1) + RECORD),
@@ -564,3 +567,19 @@ def clean_records(draw) -> CleanRecord:
 def test_any_valid_clean_records_round_trip(records, key):
     msg = Message(MessageType.CLEAN, SENDER, VIEW, 9, records)
     assert decode(encode(msg, key), key) == msg
+
+
+def test_headers_only_is_flag_bit_1_of_a_request():
+    msg = Message(MessageType.STATE_REQUEST, SENDER, VIEW, 1, (), V4_PACKET, headers_only=True)
+    assert struct.unpack_from("!H", encode(msg, None), 6)[0] == 0x0002
+    assert struct.unpack_from("!H", encode(msg, KEY), 6)[0] == 0x0003
+    with pytest.raises(ValueError):
+        Message(MessageType.STATE_PUSH, SENDER, VIEW, 1, (), headers_only=True)
+
+
+@pytest.mark.parametrize("ip_version, keyed, largest", [
+    (4, False, 1500 - 20 - 8 - 48), (4, True, 1500 - 20 - 8 - 48 - 16),
+    (6, False, 1500 - 40 - 8 - 48), (6, True, 1500 - 40 - 8 - 48 - 16)])
+def test_request_fits_up_to_the_mtu(ip_version, keyed, largest):
+    assert peer.request_fits(largest, 1500, ip_version, keyed)
+    assert not peer.request_fits(largest + 1, 1500, ip_version, keyed)
