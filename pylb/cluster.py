@@ -13,7 +13,6 @@ Peer-protocol datagrams arrive on the worker's own peer ring (on_peer_frames).
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from pylb import packet, peer
-from pylb._ffi import ffi, lib
+from pylb._ffi import ffi, ip_bytes16, lib
 from pylb.dataplane import NO_BACKEND, Classification
 from pylb.errors import Full, PylbError
 from pylb.flow_cache import TimeoutClass, now_ms
@@ -86,18 +85,6 @@ def _version(seen_syn: bool) -> int:
     return peer.make_version(time.time_ns() // 1_000_000, 0) | (AUTHORITATIVE if seen_syn else 0)
 
 
-def _key_of(p: Punt) -> FlowKey:
-    return FlowKey(p.src, p.dst, p.sport, p.dport, p.proto)
-
-
-def _key_from_bytes(raw: bytes) -> FlowKey:
-    def ip(b: bytes):
-        return ipaddress.IPv4Address(b[12:]) if b[:12] == b"\0" * 10 + b"\xff\xff" \
-            else ipaddress.IPv6Address(b)
-    return FlowKey(ip(raw[0:16]), ip(raw[16:32]), int.from_bytes(raw[32:34], "little"),
-                   int.from_bytes(raw[34:36], "little"), raw[36])
-
-
 class ClusterNode:
     def __init__(self, lb):
         self.lb = lb
@@ -114,6 +101,7 @@ class ClusterNode:
         # flow id, version); refreshed to their holders while they live.
         self.exchanged: dict[bytes, tuple[FlowKey, int, int]] = {}
         self._pushes: dict[str, list[StateRecord]] = {}
+        self._answers: dict[str, list[StateRecord]] = {}    # per asker, sent by tick()
         self._last_push = self._last_refresh = self._last_expire = time.monotonic()
         self.member_gen = 0
         self._ids_for = None
@@ -161,7 +149,7 @@ class ClusterNode:
             self._transition_until = time.monotonic() + c.handoff_period
             self._handoff()
         known = {**(self._prev_members if self._in_transition() else {}), **members}
-        self.by_address = {str(a): n for n, a in known.items()}
+        self.by_address = _by_address(known)
         self.view = peer.view_of(members, self.member_gen, self.lb.generation)
 
     def _in_transition(self) -> bool:
@@ -193,7 +181,7 @@ class ClusterNode:
         sent = 0
         self._leaving = []
         for rec in self.store.records():
-            c = self._classify(_key_from_bytes(rec.key))
+            c = self._classify(rec.key)
             if c is None:
                 continue
             size = self._table_size(c.vip)
@@ -216,7 +204,7 @@ class ClusterNode:
     # ------------------------------------------------------------ the miss path
 
     def decide(self, p: Punt) -> Verdict | None:
-        key = _key_of(p)
+        key = FlowKey.from_bytes(p.key)
         vip = self.lb.dataplane.vip_names[p.vip]
         size = self._table_size(vip)
         holders = self.holders(size, p.bucket)
@@ -283,7 +271,8 @@ class ClusterNode:
                 self._queue(h, rec, MessageType.STATE_PUSH)
 
     def _decide_as_owner(self, key: FlowKey, flow_id: int, udp_unknown: bool,
-                         holders: list[str], record: bool = True) -> StateRecord | None:
+                         holders: list[str], record: bool = True,
+                         c: Classification | None = None) -> StateRecord | None:
         """The owner's answer: its state, else rule 4 (TCP: the previous table,
         the rule for flows older than the change; UDP: a flow the owner has not
         seen is new, so the current table), recorded and pushed to the backup."""
@@ -291,7 +280,7 @@ class ClusterNode:
         rec = self.store.get(kb)
         if rec is not None:
             return rec
-        c = self._classify(key)
+        c = c or self._classify(kb)
         if c is None:
             return None
         ref = c.current if udp_unknown else c.previous
@@ -454,7 +443,7 @@ class ClusterNode:
         """One datagram from the peer ring: checked in the order of
         docs/peer-protocol.md (address, structure and MAC, sender id, replay)."""
         parsed = packet.parse(frame)
-        sender = self.by_address.get(str(parsed.src))
+        sender = self.by_address.get(parsed.key[:16])
         if sender is None or sender == self.name:
             self.peer_stats.count("spoofed")
             return
@@ -497,14 +486,14 @@ class ClusterNode:
         if inner.result != packet.ParseResult.OK or not inner.sport:
             self.peer_stats.count("malformed")
             return False
-        key = FlowKey(inner.src, inner.dst, inner.sport, inner.dport, inner.l4_proto)
-        c = self._classify(key)
+        kb = inner.key
+        c = self._classify(kb)
         if c is None:
             self.peer_stats.count("malformed")
             return False
+        key = FlowKey.from_bytes(kb)
         size = self._table_size(c.vip)
         holders = self.holders(size, c.bucket)
-        kb = key.to_bytes()
         rec = self.store.get(kb)
         unasked = None      # a request to the former holders that could not be sent
         if rec is None and self.name in holders:
@@ -542,7 +531,8 @@ class ClusterNode:
             # transition, or another view): the decision goes to the holders,
             # and no copy stays here, where no handoff would ever end it.
             mine = self.name in holders
-            rec = self._decide_as_owner(key, c.flow_id, key.proto == UDP, holders, record=mine)
+            rec = self._decide_as_owner(key, c.flow_id, key.proto == UDP, holders, record=mine,
+                                        c=c)
             if rec is not None and not mine:
                 for h in holders:
                     self._queue(h, rec, MessageType.STATE_PUSH)
@@ -564,15 +554,19 @@ class ClusterNode:
             self._settle(unasked, backend)
 
     def _on_answer(self, sender: str, msg) -> None:
-        rec = msg.records[0]
-        pend = self.pending.pop(rec.key, None)
+        for rec in msg.records:
+            self._on_answer_record(rec)
+
+    def _on_answer_record(self, rec: StateRecord) -> None:
+        pend = self.pending.get(rec.key)
         if pend is None:
             self.counters["answers_unsolicited"] += 1
             return
-        if not self._accept(rec):
-            return
+        c = self._accept(rec)
+        if c is None:
+            return      # still pending: retried, then the fallback decides
+        del self.pending[rec.key]
         key = pend.key
-        c = self._classify(key)
         if self.name in self.holders(self._table_size(c.vip), c.bucket):
             self._store(rec)
         for waiter in pend.waiters:
@@ -633,7 +627,7 @@ class ClusterNode:
         hop). A copy stays here if this balancer holds the bucket, or while
         its transition lasts, as handed-off copies do. Returns whether to
         keep the record."""
-        c = self._classify(_key_from_bytes(rec.key))
+        c = self._classify(rec.key)
         holders = self.holders(self._table_size(c.vip), c.bucket)
         others = [h for h in holders if h not in (self.name, sender)]
         for holder in others:
@@ -646,13 +640,14 @@ class ClusterNode:
         self._leaving.append(rec.key)
         return True
 
-    def _accept(self, rec: StateRecord) -> bool:
-        """Rule 5 of the protocol: the backend must belong to the flow's VIP."""
-        c = self._classify(_key_from_bytes(rec.key))
+    def _accept(self, rec: StateRecord) -> Classification | None:
+        """Rule 5 of the protocol: the backend must belong to the flow's VIP.
+        The flow's classification if it does."""
+        c = self._classify(rec.key)
         if c is None or c.vip is None or self._backend_id(c.vip, rec.backend, strict=True) is None:
             self.peer_stats.count("bad_backend")
-            return False
-        return True
+            return None
+        return c
 
     # ------------------------------------------------------------ timers
 
@@ -663,7 +658,7 @@ class ClusterNode:
             # The transition is over: copies handed to the new holders go.
             self.store.drop(self._leaving)
             self._leaving = []
-            self.by_address = {str(a): n for n, a in self.members.items()}
+            self.by_address = _by_address(self.members)
         if now - self._last_push >= c.push_interval_ms / 1000.0:
             self._last_push = now
             for kind in (MessageType.STATE_PUSH, MessageType.HANDOFF, MessageType.REFRESH,
@@ -686,6 +681,8 @@ class ClusterNode:
         if now - self._last_clean >= CLEAN_INTERVAL_S:
             self._last_clean = now
             self._announce_clean(now)
+        if self._answers:
+            self._flush_answers()
 
     def _retry(self, now: float) -> None:
         base = self.config.request_timeout_ms / 1000.0
@@ -760,7 +757,7 @@ class ClusterNode:
         if e.timeout_class == TimeoutClass.TCP_CLOSING:
             return      # ended (FIN or RST seen): nobody needs its state
         kb = bytes(ffi.buffer(ffi.addressof(e, "key"), 40))
-        key = _key_from_bytes(kb)
+        key = FlowKey.from_bytes(kb)
         holders = self.holders(self._table_size(dp.vip_names[e.vip]), e.bucket)
         known = self.exchanged.get(kb)
         # The balancer that forwards the flow knows its backend first hand.
@@ -809,7 +806,7 @@ class ClusterNode:
         is not the current one."""
         out: dict[str, set[int]] = {}
         for rec in self.store.records():
-            c = self._classify(_key_from_bytes(rec.key))
+            c = self._classify(rec.key)
             if c is not None and c.stateful and (c.current is None
                                                  or c.current.address != rec.backend):
                 out.setdefault(c.vip, set()).add(c.bucket)
@@ -902,18 +899,32 @@ class ClusterNode:
         self.lb.worker.send_peer(address, peer.encode(msg, self.key))
 
     def _answer(self, target: str, rec: StateRecord) -> None:
+        """Answers go out at the end of the round (tick), batched per asker:
+        a datagram and an HMAC per batch, not per answer, in the same round."""
+        self._answers.setdefault(target, []).append(rec)
+
+    def _flush_answers(self) -> None:
         """An answer is best effort, as every datagram is (the asker retries,
         then asks the backup): a peer whose MAC is not known yet, e.g. one
         that has just joined, must not end this balancer (seen in the lab)."""
-        try:
-            self._send(target, MessageType.STATE_ANSWER, (rec,))
-        except PylbError as exc:
-            self.counters["send_failed"] += 1
-            log.debug("state answer not sent", target=target, error=str(exc))
+        answers, self._answers = self._answers, {}
+        for target, records in answers.items():
+            address = self._address(target)
+            try:
+                if address is None:
+                    raise PylbError(f"no address for balancer {target}")
+                for datagram in peer.encode_batches(
+                        MessageType.STATE_ANSWER, peer.balancer_id(self.name), self.view,
+                        self._next_seq, records, self._peer_mtu(), address.version, self.key):
+                    self.lb.worker.send_peer(address, datagram)
+                    self.counters["sent_state_answer"] += 1
+            except PylbError as exc:
+                self.counters["send_failed"] += 1
+                log.debug("state answer not sent", target=target, error=str(exc))
 
     # ------------------------------------------------------------ helpers
 
-    def _classify(self, key: FlowKey) -> Classification | None:
+    def _classify(self, key: FlowKey | bytes) -> Classification | None:
         c = self.lb.dataplane.classify(key)
         return c if c.vip is not None else None
 
@@ -937,3 +948,10 @@ class ClusterNode:
 
     def state_entries(self) -> int:
         return len(self.store)
+
+
+def _by_address(members: dict) -> dict[bytes, str]:
+    """Balancer names by data address in the 16-byte form a parse's key
+    holds (IPv4 v4-mapped): a datagram's sender is found without making an
+    address object."""
+    return {ip_bytes16(a): n for n, a in members.items()}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import structlog
 
 from pylb import maglev
-from pylb._ffi import check, ffi, ip_bytes16, ip_to_c, lib
+from pylb._ffi import check, ffi, ip_to_c, lib
 from pylb.config import Config, Vip
 from pylb.errors import StateError
 
@@ -256,26 +256,25 @@ class Dataplane:
         return self.handle
 
     def classify(self, key) -> Classification:
-        """What the fast path decides for a pylb.flow_id.FlowKey (no packet needed)."""
+        """What the fast path decides for a pylb.flow_id.FlowKey, or its
+        40-byte form (FlowKey.to_bytes(), struct pylb_flow_key); no packet needed."""
+        raw = key if isinstance(key, bytes) else key.to_bytes()
         k = ffi.new("struct pylb_flow_key *")
-        ffi.memmove(k.src.b, ip_bytes16(key.src), 16)
-        ffi.memmove(k.dst.b, ip_bytes16(key.dst), 16)
-        k.sport, k.dport, k.proto = key.sport, key.dport, key.proto
+        ffi.memmove(k, raw, _KEY_LEN)
         vip = ffi.new("int32_t *")
         fid = ffi.new("uint64_t *")
-        bucket = ffi.new("uint32_t *")
-        cur = ffi.new("uint32_t *")
-        prev = ffi.new("uint32_t *")
+        u32 = ffi.new("uint32_t[3]")        # bucket, current, previous
         stateful = ffi.new("uint8_t *")
-        check(lib.pylb_dataplane_classify(self.handle, k, vip, fid, bucket, cur, prev, stateful),
-              "classify")
+        check(lib.pylb_dataplane_classify(self.handle, k, vip, fid, u32, u32 + 1, u32 + 2,
+                                          stateful), "classify")
         ref = lambda i: self.backends[i] if i != NO_BACKEND else None  # noqa: E731
         name = self.vip_names[vip[0]] if vip[0] >= 0 else None
-        return Classification(name, fid[0], bucket[0], ref(cur[0]), ref(prev[0]),
-                              bool(stateful[0]))
+        return Classification(name, fid[0], u32[0], ref(u32[1]), ref(u32[2]), bool(stateful[0]))
 
     def close(self) -> None:
         if self._dp is not None and self._owned:
             lib.pylb_dataplane_free(self._dp)
         self._dp = None
 
+
+_KEY_LEN = ffi.sizeof("struct pylb_flow_key")

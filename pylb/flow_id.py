@@ -107,9 +107,24 @@ class FlowKey:
 
     def to_bytes(self) -> bytes:
         """The 40-byte key: src, dst (IPv4 v4-mapped), sport, dport (little-endian), proto, 3 zeros."""
-        return (_packed16(self.src) + _packed16(self.dst)
-                + self.sport.to_bytes(2, "little") + self.dport.to_bytes(2, "little")
-                + bytes((self.proto, 0, 0, 0)))
+        raw = self.__dict__.get("_raw")
+        if raw is None:         # made once: the miss path asks several times
+            raw = (packed16(self.src) + packed16(self.dst)
+                   + self.sport.to_bytes(2, "little") + self.dport.to_bytes(2, "little")
+                   + bytes((self.proto, 0, 0, 0)))
+            object.__setattr__(self, "_raw", raw)
+        return raw
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> FlowKey:
+        """The key of a 40-byte form (to_bytes(), struct pylb_flow_key)."""
+        if len(raw) != 40:
+            raise ValueError(f"a flow key is 40 bytes, not {len(raw)}")
+        key = cls(address16(raw[0:16]), address16(raw[16:32]),
+                  int.from_bytes(raw[32:34], "little"), int.from_bytes(raw[34:36], "little"),
+                  raw[36])
+        object.__setattr__(key, "_raw", bytes(raw))
+        return key
 
 
 def _endpoint(text: str) -> tuple[IPAddress, int]:
@@ -133,8 +148,16 @@ def _format_endpoint(ip: IPAddress, port: int) -> str:
     return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
-def _packed16(ip: IPAddress) -> bytes:
+def packed16(ip: IPAddress) -> bytes:
+    """An address in the 16-byte form of flow keys and the wire (IPv4 v4-mapped)."""
     return _V4_MAPPED + ip.packed if ip.version == 4 else ip.packed
+
+
+def address16(raw: bytes) -> IPAddress:
+    """The address of a 16-byte form (packed16): v4-mapped is the IPv4 address."""
+    if raw[:12] == _V4_MAPPED:
+        return ipaddress.IPv4Address(raw[12:])
+    return ipaddress.IPv6Address(raw)
 
 
 def flow_id(key: FlowKey, seed: int) -> int:

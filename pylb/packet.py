@@ -8,8 +8,10 @@ from __future__ import annotations
 import enum
 import ipaddress
 from dataclasses import dataclass
+from functools import cached_property
 
-from pylb._ffi import check, ffi, ip_from_c, ip_to_c, lib
+from pylb._ffi import check, ffi, ip_to_c, lib
+from pylb.flow_id import address16
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -42,10 +44,17 @@ class EncapKind(enum.IntEnum):
     GUE = lib.PYLB_ENCAP_GUE
 
 
+# Enum calls cost a microsecond each; parse() runs on the miss path.
+_RESULTS = {int(m): m for m in ParseResult}
+_L3S = {int(m): m for m in L3}
+_FLAGS: dict[int, ParseFlag] = {}
+
+
 @dataclass(frozen=True)
 class Parsed:
     """struct pylb_parsed with its result. src/dst are the ARP sender and target
-    for ARP; None unless the frame parsed OK as IP or ARP."""
+    for ARP; None unless the frame parsed OK as IP or ARP. They are made from
+    the key when first read: most readers of a parse need lengths only."""
 
     result: ParseResult
     l3: L3
@@ -61,27 +70,40 @@ class Parsed:
     df: int
     icmp_type: int
     icmp_code: int
-    src: Address | None
-    dst: Address | None
     sport: int
     dport: int
     key: bytes  # the 40-byte struct pylb_flow_key, the input of the flow id
 
+    @property
+    def has_address(self) -> bool:
+        return self.result == ParseResult.OK and self.l3 != L3.NONE
+
+    @cached_property
+    def src(self) -> Address | None:
+        return address16(self.key[:16]) if self.has_address else None
+
+    @cached_property
+    def dst(self) -> Address | None:
+        return address16(self.key[16:32]) if self.has_address else None
+
 
 def parse(frame: bytes) -> Parsed:
     out = ffi.new("struct pylb_parsed *")
-    result = ParseResult(lib.pylb_parse(frame, len(frame), out))
-    has_addr = result == ParseResult.OK and out.l3 != L3.NONE
+    result = _RESULTS[lib.pylb_parse(frame, len(frame), out)]
+    flags = _FLAGS.get(out.flags)
+    if flags is None:
+        flags = _FLAGS[out.flags] = ParseFlag(out.flags)
     return Parsed(
-        result=result, l3=L3(out.l3), l4_proto=out.l4_proto, tcp_flags=out.tcp_flags,
-        ttl=out.ttl, flags=ParseFlag(out.flags), vlan_tci=out.vlan_tci,
+        result=result, l3=_L3S[out.l3], l4_proto=out.l4_proto, tcp_flags=out.tcp_flags,
+        ttl=out.ttl, flags=flags, vlan_tci=out.vlan_tci,
         l2_len=out.l2_len, l3_len=out.l3_len, l3_total=out.l3_total, tos=out.tos,
         df=out.df, icmp_type=out.icmp_type, icmp_code=out.icmp_code,
-        src=ip_from_c(out.key.src) if has_addr else None,
-        dst=ip_from_c(out.key.dst) if has_addr else None,
         sport=out.key.sport, dport=out.key.dport,
-        key=bytes(ffi.buffer(ffi.addressof(out, "key"), ffi.sizeof("struct pylb_flow_key"))),
+        key=bytes(ffi.buffer(ffi.addressof(out, "key"), _KEY_LEN)),
     )
+
+
+_KEY_LEN = ffi.sizeof("struct pylb_flow_key")
 
 
 # An Ethernet header to parse a bare IP packet with (parse takes frames).

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
+import functools
 import hmac
 import ipaddress
 import struct
@@ -24,7 +24,7 @@ import time
 from typing import Callable, Iterable
 
 from pylb.errors import PylbError
-from pylb.flow_id import IPAddress, hash_bytes
+from pylb.flow_id import IPAddress, address16, hash_bytes, packed16
 
 MAGIC = 0x504C4250          # "PLBP"
 VERSION = 1
@@ -48,7 +48,7 @@ _U32, _U64 = (1 << 32) - 1, (1 << 64) - 1
 _MAX_PAYLOAD = 0xFFFF       # payload_len is 16 bits
 _UDP_LEN = 8
 _IP_HEADER_LEN = {4: 20, 6: 40}
-_V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
+_ADDRESS_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
 _VIP_PROTOS = (6, 17)           # TCP, UDP: the protocols a VIP can have
 
 _HEADER = struct.Struct("!IBBHIIIIQHH12s")
@@ -71,8 +71,8 @@ class MessageType(enum.IntEnum):
 
 
 # The types encode_batches may split: the others carry one thing each.
-BATCH_TYPES = frozenset({MessageType.STATE_PUSH, MessageType.HANDOFF, MessageType.REFRESH,
-                         MessageType.REMOVE, MessageType.CLEAN})
+BATCH_TYPES = frozenset({MessageType.STATE_ANSWER, MessageType.STATE_PUSH, MessageType.HANDOFF,
+                         MessageType.REFRESH, MessageType.REMOVE, MessageType.CLEAN})
 
 
 class PeerError(PylbError):
@@ -92,6 +92,7 @@ def _check_range(name: str, value: int, high: int, low: int = 0) -> None:
         raise ValueError(f"{name} must be an integer {low}..{high}, not {value!r}")
 
 
+@functools.lru_cache(maxsize=4096)     # asked per datagram, for a handful of names
 def balancer_id(name: str) -> int:
     """The 32-bit id a balancer signs its messages with (the header's sender)."""
     return hash_bytes(name.encode(), HASH_SEED) & _U32
@@ -106,8 +107,9 @@ class View:
     table_gen: int
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            _check_range(field.name, getattr(self, field.name), _U32)
+        _check_range("member_gen", self.member_gen, _U32)
+        _check_range("member_hash", self.member_hash, _U32)
+        _check_range("table_gen", self.table_gen, _U32)
 
 
 def view_of(balancer_names: Iterable[str], member_gen: int, table_gen: int) -> View:
@@ -136,18 +138,9 @@ def _check_key(key: bytes) -> None:
         raise ValueError("the last 3 bytes of a flow key are zero")
 
 
-def _packed16(address: IPAddress) -> bytes:
-    return _V4_MAPPED + address.packed if address.version == 4 else address.packed
-
-
-def _address16(raw: bytes) -> IPAddress:
-    if raw[:12] == _V4_MAPPED:
-        return ipaddress.IPv4Address(raw[12:])
-    return ipaddress.IPv6Address(raw)
-
-
 def _record_address(value) -> IPAddress:
-    address = ipaddress.ip_address(value)
+    # An address object as it is: ip_address() would print and parse it again.
+    address = value if isinstance(value, _ADDRESS_TYPES) else ipaddress.ip_address(value)
     # The wire cannot tell ::ffff:a.b.c.d from a.b.c.d; both mean the IPv4 address.
     return getattr(address, "ipv4_mapped", None) or address
 
@@ -254,8 +247,8 @@ class Message:
         cls = _record_class(self.type)
         if not all(isinstance(r, cls) for r in self.records):
             raise ValueError(f"a {self.type.name} carries {cls.__name__}s only")
-        if self.type == MessageType.STATE_ANSWER and len(self.records) != 1:
-            raise ValueError("a STATE_ANSWER carries exactly one record")
+        if self.type == MessageType.STATE_ANSWER and not self.records:
+            raise ValueError("a STATE_ANSWER carries at least one record")
         if len(self.records) * _record_len(self.type) > _MAX_PAYLOAD:
             raise ValueError(f"{len(self.records)} records do not fit a message")
 
@@ -266,15 +259,16 @@ def _payload(msg: Message) -> bytes:
     if msg.type == MessageType.REMOVE:
         return b"".join(_REMOVE.pack(r.key, r.version) for r in msg.records)
     if msg.type == MessageType.CLEAN:
-        return b"".join(_CLEAN.pack(_packed16(r.vip), r.proto, 0, r.port, r.table_size, r.bucket)
+        return b"".join(_CLEAN.pack(packed16(r.vip), r.proto, 0, r.port, r.table_size, r.bucket)
                         for r in msg.records)
-    return b"".join(_STATE.pack(r.key, _packed16(r.backend), r.version, r.idle_ms,
+    return b"".join(_STATE.pack(r.key, packed16(r.backend), r.version, r.idle_ms,
                                 _RECORD_CLOSING if r.closing else 0, bytes(7))
                     for r in msg.records)
 
 
 def _mac(key: bytes, signed: bytes) -> bytes:
-    return hmac.new(key, signed, hashlib.sha256).digest()[:MAC_LEN]
+    # hmac.digest: OpenSSL's one-shot HMAC, without building an hmac object.
+    return hmac.digest(key, signed, "sha256")[:MAC_LEN]
 
 
 def encode(msg: Message, key: bytes | None) -> bytes:
@@ -350,8 +344,8 @@ def decode(data: bytes, key: bytes | None) -> Message:
             raise _malformed("a STATE_REQUEST with records")
     elif payload_len != count * _record_len(type_):
         raise _malformed(f"{count} records in {payload_len} bytes")
-    elif type_ == MessageType.STATE_ANSWER and count != 1:
-        raise _malformed(f"a STATE_ANSWER with {count} records")
+    elif type_ == MessageType.STATE_ANSWER and count < 1:
+        raise _malformed("a STATE_ANSWER without records")
 
     # Authenticate before looking inside the payload: a forged message is
     # counted as such, and its content is never parsed.
@@ -385,12 +379,12 @@ def _decode_records(type_: MessageType, payload: bytes):
         for vip, proto, pad, port, table_size, bucket in _CLEAN.iter_unpack(payload):
             if pad:
                 raise ValueError("non-zero clean record padding")
-            yield CleanRecord(_address16(vip), proto, port, table_size, bucket)
+            yield CleanRecord(address16(vip), proto, port, table_size, bucket)
         return
     for key, backend, version, idle_ms, flags, pad in _STATE.iter_unpack(payload):
         if flags & ~_RECORD_CLOSING or any(pad):
             raise ValueError("unknown record flags or non-zero record padding")
-        yield StateRecord(key, _address16(backend), version, idle_ms,
+        yield StateRecord(key, address16(backend), version, idle_ms,
                           bool(flags & _RECORD_CLOSING))
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import enum
 import ipaddress
 from dataclasses import dataclass
+from functools import cached_property
 
-from pylb._ffi import check, ffi, ip_from_c, ip_to_c, lib
+from pylb._ffi import check, ffi, ip_to_c, lib
 from pylb.dataplane import NO_BACKEND, Dataplane
+from pylb.flow_id import address16
 from pylb.stats import Stats
 
 NO_SLOT = 0xFFFFFFFF
@@ -18,6 +20,10 @@ class PuntReason(enum.IntEnum):
     MOVED = 1        # held: existing TCP flow, no state, moved bucket
     NEW_STATE = 2    # notice: new flow in a moved bucket was cached
     UDP_MOVED = 4    # held: UDP flow with no state in a moved bucket
+
+
+_REASONS = {int(r): r for r in PuntReason}    # an enum call costs a microsecond
+_KEY_LEN = ffi.sizeof("struct pylb_flow_key")
 
 
 class Action(enum.IntEnum):
@@ -37,11 +43,18 @@ class Punt:
     previous: int
     backend: int
     tcp_flags: int
-    src: ipaddress.IPv4Address | ipaddress.IPv6Address
-    dst: ipaddress.IPv4Address | ipaddress.IPv6Address
+    key: bytes          # the flow key, 40 bytes (FlowKey.to_bytes())
     sport: int
     dport: int
     proto: int
+
+    @cached_property
+    def src(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        return address16(self.key[:16])
+
+    @cached_property
+    def dst(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        return address16(self.key[16:32])
 
 
 @dataclass(frozen=True)
@@ -108,9 +121,10 @@ class Worker:
 
     @staticmethod
     def _punt(p) -> Punt:
-        return Punt(None if p.slot == NO_SLOT else p.slot, PuntReason(p.reason), p.vip, p.flow_id,
-                    p.bucket, p.current, p.previous, p.backend, p.tcp_flags, ip_from_c(p.key.src),
-                    ip_from_c(p.key.dst), p.key.sport, p.key.dport, p.key.proto)
+        return Punt(None if p.slot == NO_SLOT else p.slot, _REASONS[p.reason], p.vip, p.flow_id,
+                    p.bucket, p.current, p.previous, p.backend, p.tcp_flags,
+                    bytes(ffi.buffer(ffi.addressof(p, "key"), _KEY_LEN)),
+                    p.key.sport, p.key.dport, p.key.proto)
 
     def apply(self, verdicts: list[Verdict]) -> None:
         if not verdicts:

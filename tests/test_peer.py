@@ -63,6 +63,8 @@ MESSAGES = [
     ("request, headers only", Message(MessageType.STATE_REQUEST, SENDER, VIEW, 11, (), V4_PACKET,
                                       headers_only=True)),
     ("answer", Message(MessageType.STATE_ANSWER, SENDER, VIEW, 3, (state(1),))),
+    ("answers, batched", Message(MessageType.STATE_ANSWER, SENDER, VIEW, 12,
+                                 tuple(state(i, i % 2) for i in range(18)))),
     ("push", Message(MessageType.STATE_PUSH, SENDER, VIEW, 4,
                      tuple(state(i, i % 2) for i in range(18)))),
     ("push, empty", Message(MessageType.STATE_PUSH, SENDER, VIEW, 5, ())),
@@ -202,7 +204,6 @@ MALFORMED = [
     ("state record in a remove", header(type_=6) + RECORD),
     ("trailing byte", header() + RECORD + b"\0"),
     ("HMAC flag, no trailer", header(flags=1) + RECORD),
-    ("answer with two records", header(type_=2, count=2, payload_len=2 * RECORD_LEN) + RECORD * 2),
     ("answer with no record", header(type_=2, count=0, payload_len=0)),
     ("request with a count", header(type_=1, count=1, payload_len=len(V4_PACKET)) + V4_PACKET),
     ("request without a packet", header(type_=1, count=0, payload_len=0)),
@@ -354,9 +355,12 @@ def test_batching_edges():
     def seq():
         raise AssertionError("no datagram, no seq")
     assert encode_batches(MessageType.REFRESH, SENDER, VIEW, seq, [], 1500, 4, KEY) == []
-    for type_ in (MessageType.STATE_REQUEST, MessageType.STATE_ANSWER):
-        with pytest.raises(ValueError):
-            encode_batches(type_, SENDER, VIEW, lambda: 1, [state(1)], 1500, 4, None)
+    with pytest.raises(ValueError):
+        encode_batches(MessageType.STATE_REQUEST, SENDER, VIEW, lambda: 1, [state(1)], 1500, 4,
+                       None)
+    answers = encode_batches(MessageType.STATE_ANSWER, SENDER, VIEW, lambda: 1,
+                             [state(i) for i in range(19)], 1500, 4, KEY)
+    assert [len(decode(d, KEY).records) for d in answers] == [18, 1]
     with pytest.raises(ValueError):
         encode_batches(MessageType.STATE_PUSH, SENDER, VIEW, lambda: 1, [state(1)], 187, 6, KEY)
     assert len(encode_batches(MessageType.STATE_PUSH, SENDER, VIEW, lambda: 1, [state(1)], 188, 6,
@@ -373,8 +377,6 @@ INVALID = [
     ("request with a record",
      lambda: Message(MessageType.STATE_REQUEST, SENDER, VIEW, 1, (state(1),), V4_PACKET)),
     ("answer without a record", lambda: Message(MessageType.STATE_ANSWER, SENDER, VIEW, 1, ())),
-    ("answer with two records",
-     lambda: Message(MessageType.STATE_ANSWER, SENDER, VIEW, 1, (state(1), state(2)))),
     ("push of removals", lambda: Message(MessageType.STATE_PUSH, SENDER, VIEW, 1, (remove(1),))),
     ("remove of states", lambda: Message(MessageType.REMOVE, SENDER, VIEW, 1, (state(1),))),
     ("clean of states", lambda: Message(MessageType.CLEAN, SENDER, VIEW, 1, (state(1),))),
