@@ -220,6 +220,8 @@ class ClusterNode:
                 return Verdict(p.slot, Action.PEER)     # kept here until decided
             # The state came by another way (a refresh): the kept packets first.
             self._decided(self.undecided.pop(kb), held)
+        if held is not None and kb in self.pending:
+            self._state_came_first(self.pending[kb], held)
         if held is not None:
             # Owner, backup, or a former holder: the state is here.
             self.counters["decided_from_store"] += 1
@@ -252,7 +254,8 @@ class ClusterNode:
         pend.local = True
         # Every packet of the flow goes via the owner until the answer is
         # here; one too large for a request goes as its headers and waits here.
-        pend.headers_only = not self._request_fits(ip, pend.targets)
+        # Once one is kept, the later ones are too: they stay in order.
+        pend.headers_only = bool(pend.kept) or not self._request_fits(ip, pend.targets)
         if not self._send_request(pend):
             return self._fallback(pend, p.slot)
         if pend.headers_only:
@@ -311,7 +314,10 @@ class ClusterNode:
             self.counters["undecided_packets_dropped"] += 1
 
     def _send_request(self, pend: Pending) -> bool:
-        payload = packet.ip_headers(pend.packet) if pend.headers_only else pend.packet
+        try:
+            payload = packet.ip_headers(pend.packet) if pend.headers_only else pend.packet
+        except ValueError:
+            return False        # no transport header to ask with: the fallback decides
         while pend.targets:
             target = pend.targets[0]
             try:
@@ -346,22 +352,43 @@ class ClusterNode:
         backend = self._backend_id(c.vip, rec.backend)
         for waiter in pend.waiters:
             self._answer(waiter, rec)
+        # Kept packets are older than the one in hand: they go first.
+        self._settle(pend, rec, backend, cache=slot is None)   # else the verdict caches
         if slot is not None:
-            self._settle(pend, backend, cache=False)    # the verdict caches
             return Verdict(slot, Action.FORWARD, backend, cache=True)
         if not pend.headers_only:
             self._forward_for(pend.packet, backend, pend.flow_id, pend.key)
-        self._settle(pend, backend)
         return None
 
-    def _settle(self, pend: Pending, backend: int, cache: bool = True) -> None:
-        """This balancer's own traffic of a decided flow: the packets too
-        large for a request forwarded, the decision cached."""
+    def _state_came_first(self, pend: Pending, rec: StateRecord) -> None:
+        """A request is out and the flow's state came another way (a push, a
+        handoff): the packets kept here go now, ahead of the later ones the
+        state forwards. The request stays: a whole packet it carried may have
+        gone to a balancer that died, and only its retry delivers it."""
+        if pend.kept:
+            c = self._classify(pend.key)
+            self.counters["kept_sent_on_state"] += len(pend.kept)
+            self._settle(pend, rec, self._backend_id(c.vip, rec.backend), cache=False)
+
+    def _resolve(self, pend: Pending, rec: StateRecord, c: Classification) -> None:
+        """A request's state is here (its answer, or by another way): the
+        peers that asked are answered, this balancer's own traffic settled."""
+        for waiter in pend.waiters:
+            self._answer(waiter, rec)
+            self.counters["requests_answered"] += 1
+        self._settle(pend, rec, self._backend_id(c.vip, rec.backend))
+
+    def _settle(self, pend: Pending, rec: StateRecord, backend: int, cache: bool = True) -> None:
+        """The traffic a decided request held: kept packets forwarded, and
+        for this balancer's own flow, the decision cached and refreshed to
+        the holders from now on (rule 6)."""
         for ip in pend.kept:
             self._forward_for(ip, backend, pend.flow_id, pend.key)
         pend.kept = []
-        if pend.local and cache:
-            self._cache(pend.key, pend.flow_id, backend)
+        if pend.local:
+            self.exchanged[rec.key] = (pend.key, pend.flow_id, rec.version)
+            if cache:
+                self._cache(pend.key, pend.flow_id, backend)
 
     def _held_ip(self, slot: int) -> bytes:
         """The IP packet of a held frame (no Ethernet header)."""
@@ -483,7 +510,8 @@ class ClusterNode:
         the state during a transition asks the former holders first. False:
         the packet is no flow of a VIP (malformed, counted here)."""
         inner = packet.parse(packet.ETH_FOR[msg.packet[0] >> 4] + msg.packet)
-        if inner.result != packet.ParseResult.OK or not inner.sport:
+        if inner.result != packet.ParseResult.OK or inner.l4_proto not in (TCP, UDP) \
+                or not inner.flags & packet.ParseFlag.HAS_L4:
             self.peer_stats.count("malformed")
             return False
         kb = inner.key
@@ -503,10 +531,16 @@ class ClusterNode:
                 if pend is None:
                     pend = self.pending[kb] = Pending(key, msg.packet, c.flow_id, former,
                                                       time.monotonic())
-                pend.packet, pend.headers_only = msg.packet, msg.headers_only
+                # A whole packet that does not fit a request to them (another
+                # address family) waits here, as the asker's own would.
+                pend.packet = msg.packet
+                pend.headers_only = msg.headers_only or bool(pend.kept) \
+                    or not self._request_fits(msg.packet, former)
                 if sender not in pend.waiters:
                     pend.waiters.append(sender)
                 if self._send_request(pend):
+                    if pend.headers_only and not msg.headers_only:
+                        self._keep(pend, msg.packet)
                     self.counters["asked_former_holder"] += 1
                     return
                 unasked = self.pending.pop(kb)
@@ -537,6 +571,8 @@ class ClusterNode:
                 for h in holders:
                     self._queue(h, rec, MessageType.STATE_PUSH)
         if rec is None:
+            if unasked is not None:
+                self.counters["undecided_packets_dropped"] += len(unasked.kept)
             return
         if inner.tcp_flags & FIN_RST and not rec.closing:
             rec = dataclasses.replace(rec, closing=True, version=rec.version + 1)
@@ -551,7 +587,7 @@ class ClusterNode:
                 if waiter != sender:
                     self._answer(waiter, rec)
                     self.counters["requests_answered"] += 1
-            self._settle(unasked, backend)
+            self._settle(unasked, rec, backend)
 
     def _on_answer(self, sender: str, msg) -> None:
         for rec in msg.records:
@@ -566,15 +602,10 @@ class ClusterNode:
         if c is None:
             return      # still pending: retried, then the fallback decides
         del self.pending[rec.key]
-        key = pend.key
         if self.name in self.holders(self._table_size(c.vip), c.bucket):
             self._store(rec)
-        for waiter in pend.waiters:
-            self._answer(waiter, rec)
-            self.counters["requests_answered"] += 1
-        self._settle(pend, self._backend_id(c.vip, rec.backend))
+        self._resolve(pend, rec, c)
         if pend.local:
-            self.exchanged[rec.key] = (key, c.flow_id, rec.version)
             self.counters["answers_cached"] += 1
 
     def _cache(self, key: FlowKey, flow_id: int, backend: int) -> None:
@@ -617,6 +648,8 @@ class ClusterNode:
         if held is not None and rec.key in self.undecided:
             self.counters["undecided_got_state"] += 1
             self._decided(self.undecided.pop(rec.key), held)
+        if held is not None and rec.key in self.pending:
+            self._state_came_first(self.pending[rec.key], held)
 
     def _pass_on_and_keep(self, sender: str, rec: StateRecord) -> bool:
         """A push from a balancer with another set of members (it has not

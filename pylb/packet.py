@@ -121,7 +121,7 @@ def ip_headers(ip_packet: bytes) -> bytes:
     if version not in ETH_FOR:
         raise ValueError("not an IP packet")
     p = parse(ETH_FOR[version] + ip_packet)
-    if p.result != ParseResult.OK or not p.flags & ParseFlag.HAS_L4 or not p.sport:
+    if p.result != ParseResult.OK or not p.flags & ParseFlag.HAS_L4 or p.l4_proto not in (6, 17):
         raise ValueError("not an IP packet with a TCP or UDP header")
     l4_len = (ip_packet[p.l3_len + 12] >> 4) * 4 if p.l4_proto == _TCP else 8
     cut = bytearray(ip_packet[:p.l3_len + l4_len])
@@ -130,14 +130,17 @@ def ip_headers(ip_packet: bytes) -> bytes:
     if version == 4:
         cut[2:4] = len(cut).to_bytes(2, "big")
         cut[10:12] = b"\0\0"
-        cut[10:12] = _ip_checksum(bytes(cut[:p.l3_len])).to_bytes(2, "big")
+        cut[10:12] = internet_checksum(bytes(cut[:p.l3_len])).to_bytes(2, "big")
     else:
         cut[4:6] = (len(cut) - 40).to_bytes(2, "big")
     return bytes(cut)
 
 
-def _ip_checksum(header: bytes) -> int:
-    total = sum(int.from_bytes(header[i:i + 2], "big") for i in range(0, len(header), 2))
+def internet_checksum(data: bytes) -> int:
+    """The RFC 1071 checksum (IPv4 header; TCP/UDP with their pseudo-header)."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF

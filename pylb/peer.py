@@ -282,21 +282,23 @@ def encode(msg: Message, key: bytes | None) -> bytes:
     return signed + _mac(key, signed) if key is not None else signed
 
 
-def records_per_message(type_: MessageType, mtu: int, ip_version: int, keyed: bool) -> int:
-    """How many records of type_ fit one datagram whose IP packet is at most mtu."""
+def _payload_room(mtu: int, ip_version: int, keyed: bool) -> int:
+    """Payload bytes a datagram whose IP packet is at most mtu can carry."""
     if ip_version not in _IP_HEADER_LEN:
         raise ValueError(f"ip_version is 4 or 6, not {ip_version!r}")
     room = mtu - _IP_HEADER_LEN[ip_version] - _UDP_LEN - HEADER_LEN - (MAC_LEN if keyed else 0)
-    return max(0, min(room, _MAX_PAYLOAD)) // _record_len(MessageType(type_))
+    return max(0, min(room, _MAX_PAYLOAD))
+
+
+def records_per_message(type_: MessageType, mtu: int, ip_version: int, keyed: bool) -> int:
+    """How many records of type_ fit one datagram whose IP packet is at most mtu."""
+    return _payload_room(mtu, ip_version, keyed) // _record_len(MessageType(type_))
 
 
 def request_fits(packet_len: int, mtu: int, ip_version: int, keyed: bool) -> bool:
     """Whether a STATE_REQUEST carrying a whole packet of packet_len bytes fits
     one datagram whose IP packet is at most mtu."""
-    if ip_version not in _IP_HEADER_LEN:
-        raise ValueError(f"ip_version is 4 or 6, not {ip_version!r}")
-    overhead = _IP_HEADER_LEN[ip_version] + _UDP_LEN + HEADER_LEN + (MAC_LEN if keyed else 0)
-    return packet_len + overhead <= mtu
+    return packet_len <= _payload_room(mtu, ip_version, keyed)
 
 
 def encode_batches(type_: MessageType, sender: int, view: View, next_seq: Callable[[], int],

@@ -37,9 +37,11 @@ class Backends:
 
     by_flow: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
     frames: int = 0
+    sizes: dict = field(default_factory=lambda: defaultdict(list))  # per flow, in arrival order
 
     def record(self, d: traffic.Delivery) -> None:
         self.by_flow[d.flow][d.backend] += 1
+        self.sizes[d.flow].append(d.size)
         self.frames += 1
 
 
@@ -240,6 +242,10 @@ class Testbed:
 
     def delivered(self, flows: list[traffic.Flow]) -> int:
         return sum(sum(self.received.by_flow.get(_fkey(f), {}).values()) for f in flows)
+
+    def sizes(self, flow: traffic.Flow) -> list[int]:
+        """The IP lengths of the flow's packets, in the order the backends got them."""
+        return self.received.sizes.get(_fkey(flow), [])
 
     def lost(self, flows: list[traffic.Flow]) -> int:
         """Frames sent and not delivered, flow by flow (a duplicate of one

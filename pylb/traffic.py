@@ -20,15 +20,6 @@ def mac_bytes(mac: str) -> bytes:
     return bytes(int(x, 16) for x in mac.split(":"))
 
 
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
 def ip_packet(src, dst, proto: int, l4: bytes, ttl: int = 64, tos: int = 0) -> bytes:
     """An IPv4 or IPv6 packet around an L4 header+payload whose checksum field
     is zero; the L4 checksum is filled in here."""
@@ -38,12 +29,12 @@ def ip_packet(src, dst, proto: int, l4: bytes, ttl: int = 64, tos: int = 0) -> b
     else:
         pseudo = s.packed + d.packed + struct.pack("!IxxxB", len(l4), proto)
     off = 16 if proto == 6 else 6
-    ck = _csum(pseudo + l4) or (0xFFFF if proto == 17 else 0)
+    ck = packet.internet_checksum(pseudo + l4) or (0xFFFF if proto == 17 else 0)
     l4 = l4[:off] + struct.pack("!H", ck) + l4[off + 2:]
     if s.version == 4:
         hdr = struct.pack("!BBHHHBBH4s4s", 0x45, tos, 20 + len(l4), 1, 0x4000, ttl, proto, 0,
                           s.packed, d.packed)
-        hdr = hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:]
+        hdr = hdr[:10] + struct.pack("!H", packet.internet_checksum(hdr)) + hdr[12:]
         return hdr + l4
     return struct.pack("!IHBB16s16s", (6 << 28) | (tos << 20), len(l4), proto, ttl,
                        s.packed, d.packed) + l4
@@ -118,6 +109,7 @@ class Delivery:
     outer_src: str
     flow: tuple           # (proto, src, sport, dst, dport) of the inner packet
     payload_ok: bool
+    size: int = 0         # the inner IP packet's length
 
 
 def decapsulate(frame: bytes) -> Delivery | None:
@@ -142,4 +134,4 @@ def decapsulate(frame: bytes) -> Delivery | None:
         return None
     ok = p.l3_total == len(inner) - 14
     return Delivery(str(outer.dst), str(outer.src),
-                    (p.l4_proto, str(p.src), p.sport, str(p.dst), p.dport), ok)
+                    (p.l4_proto, str(p.src), p.sport, str(p.dst), p.dport), ok, p.l3_total)

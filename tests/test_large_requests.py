@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from pylb import testbed
+from pylb import testbed, traffic
 from pylb.peer import MessageType
 
 pytestmark = pytest.mark.dpdk
@@ -77,3 +77,68 @@ def test_small_packets_still_go_whole(eal):
         c = tb.lbs["lb2"].cluster.counters
         assert c["requests_sent"] > 0
         assert c["requests_headers_only"] == 0
+
+
+def test_a_large_packet_then_a_small_one_arrive_in_order(eal):
+    """Once a packet is kept, the later ones of its flow are kept too: the
+    small one does not overtake the large one through the owner."""
+    with testbed.Testbed(["lb1", "lb2", "lb3"], BACKENDS[:4]) as tb:
+        flows = testbed.flows(300, seed=13)
+        _started_at_lb1(tb, flows)
+        tb.set_router(["lb2"])
+        tb.send_unsettled(flows, LARGE)
+        tb.send_unsettled(flows, "PA")
+        tb.settle()
+        assert tb.lost(flows) == 0 and tb.duplicated(flows) == 0
+        assert tb.lbs["lb2"].cluster.counters["requests_headers_only"] > 0
+        out_of_order = [f for f in flows if tb.sizes(f)[1] != 1450]
+        assert not out_of_order, [(str(f), tb.sizes(f)) for f in out_of_order[:3]]
+
+
+@pytest.mark.parametrize("second", [None, "PA"], ids=["large only", "large then small"])
+def test_the_fallback_forwards_the_kept_packets(eal, second):
+    """Owner and backup never get the requests: the fallback decides here and
+    forwards what was kept, each packet once."""
+    with testbed.Testbed(["lb1", "lb2", "lb3"], BACKENDS[:4]) as tb:
+        flows = testbed.flows(300, seed=10)
+        _started_at_lb1(tb, flows)
+        for name in ("lb1", "lb3"):
+            tb.lose(name, MessageType.STATE_REQUEST)
+        tb.set_router(["lb2"])
+        tb.send_unsettled(flows, LARGE)
+        if second:
+            tb.send_unsettled(flows, second)
+        tb.settle()
+        c = tb.lbs["lb2"].cluster.counters
+        assert c["fallback"] > 0 and c["requests_headers_only"] > 0
+        assert tb.lost(flows) == 0
+        assert tb.duplicated(flows) == 0
+
+
+def test_the_owner_waits_without_the_packet(eal):
+    """Flows nobody has state for: the owner waits decision_delay_ms for a
+    push before rule 4, holding only the asker's name; the packets the
+    backends get are the whole ones, each once."""
+    with testbed.Testbed(["lb1", "lb2", "lb3"], BACKENDS[:4]) as tb:
+        flows = testbed.flows(300, seed=9)
+        tb.set_backends(BACKENDS[1:])
+        tb.set_router(["lb2"])
+        tb.send(flows, LARGE)
+        tb.send(flows, LARGE)
+        assert tb.lost(flows) == 0 and tb.duplicated(flows) == 0
+        assert all(tb.sizes(f) == [1450, 1450] for f in flows)
+        counters = tb.counters()
+        assert counters["requests_headers_only"] > 0 and counters["decisions_delayed"] > 0
+
+
+def test_a_large_packet_with_source_port_0(eal):
+    """Port 0 is a port like any other (UDP allows it): no crash, nothing lost,
+    and the owner answers for it as for any flow."""
+    with testbed.Testbed(["lb1", "lb2", "lb3"], BACKENDS[:4]) as tb:
+        flows = [traffic.Flow("web", 6, f"198.51.100.{i}", 0, testbed.VIP, 80)
+                 for i in range(1, 200)]
+        _started_at_lb1(tb, flows)
+        tb.set_router(["lb2"])
+        tb.send(flows, LARGE)
+        assert tb.lost(flows) == 0 and tb.broken(flows) == 0
+        assert tb.lbs["lb2"].cluster.counters["requests_headers_only"] > 0
