@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import struct
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -140,7 +141,7 @@ def internet_checksum(data: bytes) -> int:
     """The RFC 1071 checksum (IPv4 header; TCP/UDP with their pseudo-header)."""
     if len(data) % 2:
         data += b"\0"
-    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
