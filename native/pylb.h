@@ -13,6 +13,7 @@
  *   flow_id.c    the seeded 5-tuple hash (reference: pylb/flow_id.py)
  *   parse.c      Ethernet/VLAN/ARP/IPv4/IPv6/TCP/UDP/ICMP parsing of a buffer
  *   maglev.c     Maglev destination tables (reference: pylb/maglev.py)
+ *   ownership.c  owner and backup of every bucket (reference: pylb/ownership.py)
  *   flow_cache.c lock-free, bounded, aging flow cache with no pointers inside
  *   encap.c      IPIP (RFC 2003/2473), VXLAN (RFC 7348), GUE (variant 1)
  *   neigh.c      ARP / neighbour discovery: answers and next-hop resolution
@@ -149,6 +150,15 @@ struct pylb_maglev_backend {
  * pylb/maglev.py. */
 int pylb_maglev_build(const struct pylb_maglev_backend *backends, uint32_t n,
                       uint32_t m, uint32_t *table);
+
+/* ------------------------------------------------------------------ ownership */
+
+/* Fills codes[0..table_size) with each bucket's holders by rendezvous hashing
+ * (docs/ownership.md; reference pylb/ownership.py): code = owner rank * n +
+ * backup rank + 1 (backup 0 when n is 1), ranks in the order names are given,
+ * which must be the byte order of the names. */
+int pylb_ownership_fill(const char *const *names, const uint32_t *name_lens, uint32_t n,
+                        uint32_t table_size, uint32_t *codes);
 
 /* ------------------------------------------------------------------ flow_cache */
 

@@ -108,11 +108,14 @@ class Ownership:
                    for i in range(0, len(b), 8)), len(b))
             for b in encoded]
         n = len(self.balancers)
+        if n * n >= 0xFFFFFFFF:
+            raise ValueError(f"{n} balancers are more than ownership codes can hold")
         # Per bucket, its (owner rank, backup rank) as one integer, plus one
-        # so that 0 means "not computed yet": a fully visited table of 65537
-        # buckets costs 128 KiB rather than a dict of tuples.
-        typecode = "H" if n * n < 0xFFFF else "I" if n * n < 0xFFFFFFFF else "Q"
-        self._cache = array(typecode, [0]) * table_size
+        # so that 0 means "not computed yet": a table of 65537 buckets costs
+        # 256 KiB rather than a dict of tuples. Filled whole, in C, when first
+        # asked (pylb_ownership_fill, a millisecond where Python took 0.3 s).
+        self._encoded = encoded
+        self._cache = array("I", [0]) * table_size
         self._complete = False
 
     def __repr__(self) -> str:
@@ -141,9 +144,13 @@ class Ownership:
         return self.balancers[first], self.balancers[second] if len(self.balancers) > 1 else None
 
     def _code(self, bucket: int) -> int:
-        cached = self._cache[bucket]
-        if cached:
-            return cached
+        if not self._complete:
+            self._fill()
+        return self._cache[bucket]
+
+    def reference_code(self, bucket: int) -> int:
+        """The rule in Python, bucket by bucket: what pylb_ownership_fill
+        must match (tests/test_ownership.py)."""
         first = second = -1
         best = runner_up = -1
         # Strictly greater replaces: among equal scores the lower rank (name)
@@ -154,14 +161,17 @@ class Ownership:
                 first, best = rank, s
             elif s > runner_up:
                 second, runner_up = rank, s
-        code = first * len(self.balancers) + max(second, 0) + 1
-        self._cache[bucket] = code
-        return code
+        return first * len(self.balancers) + max(second, 0) + 1
 
     def _check_bucket(self, bucket: int) -> None:
         if isinstance(bucket, bool) or not isinstance(bucket, int) \
                 or not 0 <= bucket < self.table_size:
             raise ValueError(f"bucket must be 0..{self.table_size - 1}, not {bucket!r}")
+
+    def reference_owners(self, bucket: int) -> tuple[str, str | None]:
+        """owners() by the Python rule (reference_code)."""
+        self._check_bucket(bucket)
+        return self._pair(self.reference_code(bucket))
 
     def owners(self, bucket: int) -> tuple[str, str | None]:
         """(owner, backup owner) of a bucket; the backup is None when there
@@ -184,10 +194,18 @@ class Ownership:
         return tuple(self.balancers[rank] for rank in order)
 
     def _fill(self) -> None:
-        if not self._complete:
-            for bucket in range(self.table_size):
-                self._code(bucket)
-            self._complete = True
+        if self._complete:
+            return
+        # Imported here so that the reference works where the shim is not built.
+        from pylb._ffi import check, ffi, lib
+
+        names = [ffi.new("char[]", b) for b in self._encoded]
+        check(lib.pylb_ownership_fill(ffi.new("char *[]", names),
+                                      ffi.new("uint32_t[]", [len(b) for b in self._encoded]),
+                                      len(names), self.table_size,
+                                      ffi.from_buffer("uint32_t[]", self._cache)),
+              "ownership table")
+        self._complete = True
 
     def buckets_of(self, name: str) -> BucketSets:
         """The buckets a balancer owns and those it backs up."""
@@ -218,9 +236,12 @@ def moves(old: Ownership, new: Ownership) -> dict[int, Move]:
     old._fill()
     new._fill()
     live = set(new.balancers)
+    # At most n * n distinct codes: their pairs once, not once per bucket.
+    old_pairs = {code: old._pair(code) for code in set(old._cache)}
+    new_pairs = {code: new._pair(code) for code in set(new._cache)}
     out = {}
     for bucket, (a, b) in enumerate(zip(old._cache, new._cache)):
-        was, now = old._pair(a), new._pair(b)
+        was, now = old_pairs[a], new_pairs[b]
         if was == now:
             continue
         held = {h for h in was if h is not None}
