@@ -553,9 +553,9 @@ class ClusterNode:
                 for waiter in unasked.waiters:
                     self._wait_for_state(key, c.flow_id, key.proto == UDP, None, waiter=waiter)
                 for ip in unasked.kept:
-                    self._wait_for_state(key, c.flow_id, key.proto == UDP, ip, local=True)
-                if unasked.local:
-                    self.undecided[kb].local = True
+                    self._wait_for_state(key, c.flow_id, key.proto == UDP, ip)
+                # Cached here when decided only if it was this balancer's traffic.
+                self.undecided[kb].local |= unasked.local
             return
         if rec is not None and kb in self.undecided:
             # The state came by another way (a refresh): the kept packets first.
