@@ -76,6 +76,7 @@ class Undecided:
     packets: list[bytes]                                  # IP packets to forward once decided
     waiters: list[str] = field(default_factory=list)      # peers whose requests wait on it
     local: bool = False                                   # own traffic: cache the decision
+    closing: bool = False                                 # a kept packet had FIN or RST
 
 
 def _version(seen_syn: bool) -> int:
@@ -216,7 +217,8 @@ class ClusterNode:
         if kb in self.undecided:
             if held is None:
                 self._wait_for_state(key, p.flow_id, p.reason == PuntReason.UDP_MOVED,
-                                     self._held_ip(p.slot), local=True)
+                                     self._held_ip(p.slot), local=True,
+                                     closing=bool(p.tcp_flags & FIN_RST))
                 return Verdict(p.slot, Action.PEER)     # kept here until decided
             # The state came by another way (a refresh): the kept packets first.
             self._decided(self.undecided.pop(kb), held)
@@ -234,7 +236,8 @@ class ClusterNode:
             targets = [h for h in self.former_holders(size, p.bucket) if h != self.name]
             if not targets and self.config.decision_delay():
                 self._wait_for_state(key, p.flow_id, p.reason == PuntReason.UDP_MOVED,
-                                     self._held_ip(p.slot), local=True)
+                                     self._held_ip(p.slot), local=True,
+                                     closing=bool(p.tcp_flags & FIN_RST))
                 return Verdict(p.slot, Action.PEER)     # kept here until decided
             if not targets:
                 rec = self._decide_as_owner(key, p.flow_id, p.reason == PuntReason.UDP_MOVED,
@@ -397,7 +400,8 @@ class ClusterNode:
         return frame[parsed.l2_len:parsed.l2_len + parsed.l3_total]
 
     def _wait_for_state(self, key: FlowKey, flow_id: int, udp: bool, ip_packet: bytes | None,
-                        waiter: str | None = None, local: bool = False) -> None:
+                        waiter: str | None = None, local: bool = False,
+                        closing: bool = False) -> None:
         """Rule 4 at the owner, after cluster.decision_delay_ms unless the
         flow's state comes first; its packets wait here meanwhile."""
         kb = key.to_bytes()
@@ -415,6 +419,7 @@ class ClusterNode:
         if waiter is not None and waiter not in waiting.waiters:
             waiting.waiters.append(waiter)
         waiting.local |= local
+        waiting.closing |= closing
 
     def _decide_due(self, now: float) -> None:
         for kb, waiting in list(self.undecided.items()):
@@ -440,6 +445,10 @@ class ClusterNode:
         if rec is None or c is None:
             self.counters["undecided_packets_dropped"] += len(waiting.packets)
             return
+        if waiting.closing and not rec.closing and self.store.get(rec.key) is not None:
+            # As for a FIN or RST in a request (_on_request): short-lived from now.
+            rec = dataclasses.replace(rec, closing=True, version=rec.version + 1)
+            self.store.put(rec)
         backend = self._backend_id(c.vip, rec.backend)
         for ip in waiting.packets:
             self._forward_for(ip, backend, waiting.flow_id, waiting.key)
@@ -547,7 +556,8 @@ class ClusterNode:
         if rec is None and (kb in self.undecided or (self.name in holders
                                                      and self.config.decision_delay())):
             self._wait_for_state(key, c.flow_id, key.proto == UDP,
-                                 None if msg.headers_only else msg.packet, waiter=sender)
+                                 None if msg.headers_only else msg.packet, waiter=sender,
+                                 closing=bool(inner.tcp_flags & FIN_RST))
             if unasked is not None:
                 # Its other askers and this balancer's own packets wait too.
                 for waiter in unasked.waiters:

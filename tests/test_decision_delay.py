@@ -86,3 +86,25 @@ def test_a_flow_that_just_started_elsewhere_keeps_its_backend(eal, delay_ms, pus
         delayed = sum(c["decisions_delayed"] for c in owners)
         assert got_state == (len(flows) if push_in_time and delay_ms else 0)
         assert delayed == (len(flows) if delay_ms else 0)
+
+
+def test_a_fin_kept_through_the_wait_marks_the_state_closing(eal):
+    """The owner's record of a flow whose packet in the wait carried a FIN
+    lives for the closing timeout, not the full TCP idle timeout, as when
+    the FIN comes in a request for state the owner already holds."""
+    with testbed.Testbed(["lb1", "lb2", "lb3"], BACKENDS[:4]) as tb:
+        tb.set_backends(BACKENDS[1:])
+        lb2 = tb.lbs["lb2"]
+        flows = [f for f in testbed.flows(300, seed=4) if lb2.dataplane.classify(_key(f)).moved]
+        assert len(flows) > 20
+        tb.set_router(["lb2"])
+        tb.send(flows, "FA")      # nobody has their state: every owner waits, then decides
+        assert tb.lost(flows) == 0
+        owned_here = 0
+        for f in flows:
+            c = lb2.dataplane.classify(_key(f))
+            owner = lb2.cluster.holders(lb2.cluster._table_size(c.vip), c.bucket)[0]
+            owned_here += owner == "lb2"
+            rec = tb.lbs[owner].cluster.store.get(_key(f).to_bytes())
+            assert rec is not None and rec.closing, (str(f), owner, rec)
+        assert 0 < owned_here < len(flows)      # both ways: lb2's own wait and a request's
