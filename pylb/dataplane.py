@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+import threading
 import time
 from array import array
 from dataclasses import dataclass
@@ -124,6 +125,7 @@ class Dataplane:
         current: tables built already (else Maglev). retire: buckets per VIP
         to stop treating as stateful. now: the monotonic time of the change."""
         self._dp = None
+        self._classify_io = threading.local()
         self.config = config
         self.generation = generation
         self.registry = registry if registry is not None else BackendRegistry()
@@ -259,17 +261,22 @@ class Dataplane:
         """What the fast path decides for a pylb.flow_id.FlowKey, or its
         40-byte form (FlowKey.to_bytes(), struct pylb_flow_key); no packet needed."""
         raw = key if isinstance(key, bytes) else key.to_bytes()
-        k = ffi.new("struct pylb_flow_key *")
+        # The miss path classifies several times per packet: the C arguments
+        # are made once per thread (the admin API may classify from another).
+        io = self._classify_io.__dict__
+        if not io:
+            io.update(k=ffi.new("struct pylb_flow_key *"), vip=ffi.new("int32_t *"),
+                      fid=ffi.new("uint64_t *"), u32=ffi.new("uint32_t[3]"),
+                      stateful=ffi.new("uint8_t *"))
+        k, vip, fid, u32, stateful = io["k"], io["vip"], io["fid"], io["u32"], io["stateful"]
         ffi.memmove(k, raw, _KEY_LEN)
-        vip = ffi.new("int32_t *")
-        fid = ffi.new("uint64_t *")
-        u32 = ffi.new("uint32_t[3]")        # bucket, current, previous
-        stateful = ffi.new("uint8_t *")
         check(lib.pylb_dataplane_classify(self.handle, k, vip, fid, u32, u32 + 1, u32 + 2,
                                           stateful), "classify")
-        ref = lambda i: self.backends[i] if i != NO_BACKEND else None  # noqa: E731
-        name = self.vip_names[vip[0]] if vip[0] >= 0 else None
-        return Classification(name, fid[0], u32[0], ref(u32[1]), ref(u32[2]), bool(stateful[0]))
+        cur, prev = u32[1], u32[2]
+        return Classification(self.vip_names[vip[0]] if vip[0] >= 0 else None, fid[0], u32[0],
+                              self.backends[cur] if cur != NO_BACKEND else None,
+                              self.backends[prev] if prev != NO_BACKEND else None,
+                              bool(stateful[0]))
 
     def close(self) -> None:
         if self._dp is not None and self._owned:
