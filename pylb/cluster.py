@@ -98,9 +98,9 @@ class ClusterNode:
         self.store = StateStore(t.tcp, t.tcp_closing, t.udp, t.other)
         self.pending: dict[bytes, Pending] = {}
         self.undecided: dict[bytes, Undecided] = {}
-        # Flows this balancer forwards with exchanged state: key -> (FlowKey,
-        # flow id, version); refreshed to their holders while they live.
-        self.exchanged: dict[bytes, tuple[FlowKey, int, int]] = {}
+        # Flows this balancer forwards with exchanged state: key -> (flow id,
+        # version); refreshed to their holders while they live.
+        self.exchanged: dict[bytes, tuple[int, int]] = {}
         self._pushes: dict[str, list[StateRecord]] = {}
         self._answers: dict[str, list[StateRecord]] = {}    # per asker, sent by tick()
         self._last_push = self._last_refresh = self._last_expire = time.monotonic()
@@ -195,8 +195,8 @@ class ClusterNode:
             if self.name not in new:
                 self._leaving.append(rec.key)
         self.counters["handoff_records"] += sent
-        for key, (fk, fid, version) in list(self.exchanged.items()):
-            self._refresh_one(key, fk, fid, version)
+        for key, (fid, version) in list(self.exchanged.items()):
+            self._refresh_one(key, fid, version)
         self._flush(MessageType.HANDOFF)
         self._flush(MessageType.REFRESH)
         log.info("ownership moved", members=sorted(self.members), member_gen=self.member_gen,
@@ -205,14 +205,14 @@ class ClusterNode:
     # ------------------------------------------------------------ the miss path
 
     def decide(self, p: Punt) -> Verdict | None:
-        key = FlowKey.from_bytes(p.key)
         vip = self.lb.dataplane.vip_names[p.vip]
         size = self._table_size(vip)
         holders = self.holders(size, p.bucket)
         if p.reason == PuntReason.NEW_STATE:
-            self._new_state(key, p, vip, holders)
+            self._new_state(p, holders)
             return None
-        kb = key.to_bytes()
+        kb = p.key
+        key = FlowKey.from_bytes(kb)
         held = self.store.get(kb)
         if kb in self.undecided:
             if held is None:
@@ -227,7 +227,7 @@ class ClusterNode:
         if held is not None:
             # Owner, backup, or a former holder: the state is here.
             self.counters["decided_from_store"] += 1
-            self.exchanged[kb] = (key, p.flow_id, held.version)
+            self.exchanged[kb] = (p.flow_id, held.version)
             return Verdict(p.slot, Action.FORWARD, self._backend_id(vip, held.backend), cache=True)
         # Owner, then backup, then (while ownership moves) the former holders.
         former = self.former_holders(size, p.bucket)
@@ -245,7 +245,7 @@ class ClusterNode:
                 if rec is None:
                     return Verdict(p.slot, Action.DROP)
                 self.counters["decided_locally"] += 1
-                self.exchanged[kb] = (key, p.flow_id, rec.version)
+                self.exchanged[kb] = (p.flow_id, rec.version)
                 return Verdict(p.slot, Action.FORWARD, self._backend_id(vip, rec.backend),
                                cache=True)
         ip = self._held_ip(p.slot)
@@ -265,11 +265,11 @@ class ClusterNode:
             self._keep(pend, ip)
         return Verdict(p.slot, Action.PEER)
 
-    def _new_state(self, key: FlowKey, p: Punt, vip: str, holders: list[str]) -> None:
+    def _new_state(self, p: Punt, holders: list[str]) -> None:
         """Rule 2: a new flow in a moved bucket: its state goes to owner and backup."""
         ref = self.lb.dataplane.backends[p.backend]
-        rec = StateRecord(key.to_bytes(), ref.address, _version(seen_syn=True), 0, False)
-        self.exchanged[rec.key] = (key, p.flow_id, rec.version)
+        rec = StateRecord(p.key, ref.address, _version(seen_syn=True), 0, False)
+        self.exchanged[rec.key] = (p.flow_id, rec.version)
         for h in holders:
             if h == self.name:
                 self.store.put(rec)
@@ -389,7 +389,7 @@ class ClusterNode:
             self._forward_for(ip, backend, pend.flow_id, pend.key)
         pend.kept = []
         if pend.local:
-            self.exchanged[rec.key] = (pend.key, pend.flow_id, rec.version)
+            self.exchanged[rec.key] = (pend.flow_id, rec.version)
             if cache:
                 self._cache(pend.key, pend.flow_id, backend)
 
@@ -457,7 +457,7 @@ class ClusterNode:
             self.counters["requests_answered"] += 1
         if waiting.local:
             self._cache(waiting.key, waiting.flow_id, backend)
-            self.exchanged[rec.key] = (waiting.key, waiting.flow_id, rec.version)
+            self.exchanged[rec.key] = (waiting.flow_id, rec.version)
             self.counters["decided_locally"] += 1
 
     def _forward_for(self, ip_packet: bytes, backend: int, flow_id: int, key: FlowKey) -> None:
@@ -710,8 +710,8 @@ class ClusterNode:
             self._retry(now)
         if now - self._last_refresh >= c.refresh_interval:
             self._last_refresh = now
-            for key, (fk, fid, version) in list(self.exchanged.items()):
-                self._refresh_one(key, fk, fid, version)
+            for key, (fid, version) in list(self.exchanged.items()):
+                self._refresh_one(key, fid, version)
             self._flush(MessageType.REFRESH)
             self._flush(MessageType.REMOVE)
         if now - self._last_expire >= 1.0:
@@ -745,10 +745,10 @@ class ClusterNode:
             else:
                 self._fallback(pend, None)
 
-    def _refresh_one(self, kb: bytes, key: FlowKey, flow_id: int, version: int) -> None:
+    def _refresh_one(self, kb: bytes, flow_id: int, version: int) -> None:
         """Rule 6: a flow active here keeps its holders' copy alive; one that
         ended here (gone from the cache) is removed from them."""
-        c = self._classify(key)
+        c = self._classify(kb)
         if c is None:
             del self.exchanged[kb]
             return
@@ -800,13 +800,12 @@ class ClusterNode:
         if e.timeout_class == TimeoutClass.TCP_CLOSING:
             return      # ended (FIN or RST seen): nobody needs its state
         kb = bytes(ffi.buffer(ffi.addressof(e, "key"), 40))
-        key = FlowKey.from_bytes(kb)
         holders = self.holders(self._table_size(dp.vip_names[e.vip]), e.bucket)
         known = self.exchanged.get(kb)
         # The balancer that forwards the flow knows its backend first hand.
-        version = known[2] if known else _version(seen_syn=True)
+        version = known[1] if known else _version(seen_syn=True)
         rec = StateRecord(kb, dp.backends[e.backend].address, version, e.idle_ms, False)
-        self.exchanged[kb] = (key, e.flow_id, version)
+        self.exchanged[kb] = (e.flow_id, version)
         for h in holders:
             if h == self.name:
                 self.store.put(rec)
