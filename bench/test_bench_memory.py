@@ -11,7 +11,7 @@ import os
 import tracemalloc
 
 from pylb.flow_cache import KEY_SIZE, FlowCache, footprint_for
-from pylb.peer import StateRecord, make_version
+from pylb.peer import Message, MessageType, StateRecord, View, decode, encode, make_version
 from pylb.state_store import StateStore
 
 TEN_MILLION = 10_000_000
@@ -28,11 +28,18 @@ def _key(i: int) -> bytes:
 
 
 def _fill_store(n: int) -> StateStore:
+    """Records as an owner gets them: decoded from pushes of 18."""
     store = StateStore()
     version = make_version(1_000_000, 0)
-    for i in range(n):
-        # Each decoded record carries its own address object, as on the wire.
-        store.put(StateRecord(_key(i), ipaddress.IPv4Address(BACKEND), version, 0, False))
+    backend = ipaddress.IPv4Address(BACKEND)
+    view = View(1, 1, 1)
+    for start in range(0, n, 18):
+        records = [StateRecord(_key(i), backend, version, 0, False)
+                   for i in range(start, min(n, start + 18))]
+        data = encode(Message(MessageType.STATE_PUSH, 1, view, start + 1, records), None)
+        del records
+        for rec in decode(data, None).records:
+            store.put(rec)
     return store
 
 

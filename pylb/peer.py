@@ -138,6 +138,20 @@ def _check_key(key: bytes) -> None:
         raise ValueError("the last 3 bytes of a flow key are zero")
 
 
+_BACKENDS: dict[bytes, IPAddress] = {}
+
+
+def _backend_address(raw: bytes) -> IPAddress:
+    """A backend's address object, one per address: a VIP has few backends
+    and an owner holds a record for each of millions of flows."""
+    address = _BACKENDS.get(raw)
+    if address is None:
+        if len(_BACKENDS) >= 65536:
+            _BACKENDS.clear()       # bounded whatever peers send
+        address = _BACKENDS[raw] = address16(raw)
+    return address
+
+
 def _record_address(value) -> IPAddress:
     # An address object as it is: ip_address() would print and parse it again.
     address = value if isinstance(value, _ADDRESS_TYPES) else ipaddress.ip_address(value)
@@ -145,7 +159,7 @@ def _record_address(value) -> IPAddress:
     return getattr(address, "ipv4_mapped", None) or address
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)     # an owner holds millions
 class StateRecord:
     """A flow's state: its backend, and how fresh the sender's knowledge is."""
 
@@ -163,7 +177,7 @@ class StateRecord:
         object.__setattr__(self, "closing", bool(self.closing))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class RemoveRecord:
     """A flow ended (FIN/RST or idle) at the version given."""
 
@@ -386,7 +400,7 @@ def _decode_records(type_: MessageType, payload: bytes):
     for key, backend, version, idle_ms, flags, pad in _STATE.iter_unpack(payload):
         if flags & ~_RECORD_CLOSING or any(pad):
             raise ValueError("unknown record flags or non-zero record padding")
-        yield StateRecord(key, address16(backend), version, idle_ms,
+        yield StateRecord(key, _backend_address(backend), version, idle_ms,
                           bool(flags & _RECORD_CLOSING))
 
 

@@ -15,7 +15,7 @@ from pylb.peer import RemoveRecord, StateRecord
 TCP, UDP = 6, 17
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     record: StateRecord
     seen: float            # monotonic seconds when the flow was last known active
