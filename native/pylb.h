@@ -153,12 +153,14 @@ int pylb_maglev_build(const struct pylb_maglev_backend *backends, uint32_t n,
 
 /* ------------------------------------------------------------------ ownership */
 
-/* Fills codes[0..table_size) with each bucket's holders by rendezvous hashing
- * (docs/ownership.md; reference pylb/ownership.py): code = owner rank * n +
- * backup rank + 1 (backup 0 when n is 1), ranks in the order names are given,
- * which must be the byte order of the names. */
+/* Fills codes[first_bucket..first_bucket+count) of a table of table_size
+ * buckets with each bucket's holders by rendezvous hashing (docs/ownership.md;
+ * reference pylb/ownership.py): code = owner rank * n + backup rank + 1
+ * (backup 0 when n is 1), ranks in the order names are given, which must be
+ * the byte order of the names. codes is the whole table. */
 int pylb_ownership_fill(const char *const *names, const uint32_t *name_lens, uint32_t n,
-                        uint32_t table_size, uint32_t *codes);
+                        uint32_t table_size, uint32_t first_bucket, uint32_t count,
+                        uint32_t *codes);
 
 /* ------------------------------------------------------------------ flow_cache */
 

@@ -11,6 +11,7 @@ import pathlib
 import sys
 
 from pylb.errors import PylbError, error_for
+from pylb.flow_id import packed16
 
 def _load_native():
     """pylb/_native.so, or the one in $PYLB_BUILD_DIR (a private build, see
@@ -61,23 +62,13 @@ def _address(address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 def ip_to_c(address: str | ipaddress.IPv4Address | ipaddress.IPv6Address, out) -> None:
     """Writes an address into a struct pylb_ip (IPv4 as ::ffff:a.b.c.d)."""
-    ip = _address(address)
-    if ip.version == 4:
-        packed = b"\x00" * 10 + b"\xff\xff" + ip.packed
-    else:
-        packed = ip.packed
-    ffi.memmove(out.b, packed, 16)
+    ffi.memmove(out.b, packed16(_address(address)), 16)
 
 
-def ip_from_c(cip) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """Reads a struct pylb_ip back into an address object."""
-    raw = bytes(ffi.buffer(cip.b, 16))
-    if raw[:12] == b"\x00" * 10 + b"\xff\xff":
-        return ipaddress.IPv4Address(raw[12:])
-    return ipaddress.IPv6Address(raw)
+KEY_LEN = ffi.sizeof("struct pylb_flow_key")
 
 
-def ip_bytes16(address) -> bytes:
-    """The 16-byte form of an address used in flow keys."""
-    ip = _address(address)
-    return (b"\x00" * 10 + b"\xff\xff" + ip.packed) if ip.version == 4 else ip.packed
+def key_bytes(parent) -> bytes:
+    """The 40 bytes of a struct's `key` field (a struct pylb_flow_key): the
+    form FlowKey.to_bytes() gives."""
+    return bytes(ffi.buffer(ffi.addressof(parent, "key"), KEY_LEN))

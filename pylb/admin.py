@@ -259,7 +259,7 @@ class AdminServer:
 
     def _ownership(self, cluster: dict) -> dict:
         """Buckets each member owns and backs up, per table size. Computed here
-        (pure Python, no balancer state) and kept while the members stay."""
+        (the ownership rule alone, no balancer state) and kept while the members stay."""
         from pylb.ownership import Ownership
         key = (tuple(sorted(cluster["members"])), tuple(cluster["table_sizes"]))
         if key not in self._ownership_cache:

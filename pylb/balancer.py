@@ -16,7 +16,7 @@ from pylb import eal as eal_mod
 from pylb import config as config_mod
 from pylb.config import Config
 from pylb.dataplane import BackendRegistry, Dataplane
-from pylb.errors import ConfigError
+from pylb.errors import ConfigError, PylbError
 from pylb.flow_cache import COUNTED_BACKENDS, FlowCache, Timeouts
 from pylb.flow_id import flow_label
 from pylb.neigh import NeighborTable
@@ -621,7 +621,17 @@ class Balancer:
         for p in punts:
             name = p.reason.name.lower()
             self.verdicts_by_reason[name] = self.verdicts_by_reason.get(name, 0) + 1
-            verdict = self.decide(p)
+            try:
+                verdict = self.decide(p)
+            except (ValueError, PylbError) as exc:
+                # A packet the miss path cannot take (a bug, or input nobody
+                # foresaw) is dropped and counted: it must not end the balancer.
+                failed = self.verdicts_by_reason["failed"] = \
+                    self.verdicts_by_reason.get("failed", 0) + 1
+                if failed <= 10 or failed % 1000 == 0:    # a flood must not flood the log
+                    log.warning("punt not decided: dropped", reason=name, error=str(exc),
+                                flow_id=flow_label(p.flow_id), failed_so_far=failed)
+                verdict = Verdict(p.slot, Action.DROP) if p.slot is not None else None
             if verdict is not None:
                 verdicts.append(verdict)
         self.worker.apply(verdicts)

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 import structlog
 
 from pylb import packet, peer
-from pylb._ffi import ffi, ip_bytes16, lib
+from pylb._ffi import ffi, key_bytes, lib
 from pylb.dataplane import NO_BACKEND, Classification
 from pylb.errors import Full, PylbError
 from pylb.flow_cache import TimeoutClass, now_ms
-from pylb.flow_id import FlowKey, flow_label
+from pylb.flow_id import FlowKey, flow_label, packed16
 from pylb.ownership import Ownership
 from pylb.peer import MessageType, StateRecord
 from pylb.state_store import StateStore
@@ -212,11 +212,10 @@ class ClusterNode:
             self._new_state(p, holders)
             return None
         kb = p.key
-        key = FlowKey.from_bytes(kb)
         held = self.store.get(kb)
         if kb in self.undecided:
             if held is None:
-                self._wait_for_state(key, p.flow_id, p.reason == PuntReason.UDP_MOVED,
+                self._wait_for_state(FlowKey.from_bytes(kb), p.flow_id, p.reason == PuntReason.UDP_MOVED,
                                      self._held_ip(p.slot), local=True,
                                      closing=bool(p.tcp_flags & FIN_RST))
                 return Verdict(p.slot, Action.PEER)     # kept here until decided
@@ -229,6 +228,7 @@ class ClusterNode:
             self.counters["decided_from_store"] += 1
             self.exchanged[kb] = (p.flow_id, held.version)
             return Verdict(p.slot, Action.FORWARD, self._backend_id(vip, held.backend), cache=True)
+        key = FlowKey.from_bytes(kb)
         # Owner, then backup, then (while ownership moves) the former holders.
         former = self.former_holders(size, p.bucket)
         targets = [h for h in dict.fromkeys(holders + former) if h != self.name]
@@ -799,7 +799,7 @@ class ClusterNode:
     def _push_cached(self, e, dp) -> None:
         if e.timeout_class == TimeoutClass.TCP_CLOSING:
             return      # ended (FIN or RST seen): nobody needs its state
-        kb = bytes(ffi.buffer(ffi.addressof(e, "key"), 40))
+        kb = key_bytes(e)
         holders = self.holders(self._table_size(dp.vip_names[e.vip]), e.bucket)
         known = self.exchanged.get(kb)
         # The balancer that forwards the flow knows its backend first hand.
@@ -960,7 +960,7 @@ class ClusterNode:
                         self._next_seq, records, self._peer_mtu(), address.version, self.key):
                     self.lb.worker.send_peer(address, datagram)
                     self.counters["sent_state_answer"] += 1
-            except PylbError as exc:
+            except Exception as exc:    # as _flush: one peer must not cost the others theirs
                 self.counters["send_failed"] += 1
                 log.debug("state answer not sent", target=target, error=str(exc))
 
@@ -996,4 +996,4 @@ def _by_address(members: dict) -> dict[bytes, str]:
     """Balancer names by data address in the 16-byte form a parse's key
     holds (IPv4 v4-mapped): a datagram's sender is found without making an
     address object."""
-    return {ip_bytes16(a): n for n, a in members.items()}
+    return {packed16(a): n for n, a in members.items()}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import structlog
 
 from pylb import maglev
-from pylb._ffi import check, ffi, ip_to_c, lib
+from pylb._ffi import KEY_LEN, check, ffi, ip_to_c, lib
 from pylb.config import Config, Vip
 from pylb.errors import StateError
 
@@ -269,7 +269,9 @@ class Dataplane:
                       fid=ffi.new("uint64_t *"), u32=ffi.new("uint32_t[3]"),
                       stateful=ffi.new("uint8_t *"))
         k, vip, fid, u32, stateful = io["k"], io["vip"], io["fid"], io["u32"], io["stateful"]
-        ffi.memmove(k, raw, _KEY_LEN)
+        if len(raw) != KEY_LEN:
+            raise ValueError(f"a flow key is {KEY_LEN} bytes, not {len(raw)}")
+        ffi.memmove(k, raw, KEY_LEN)
         check(lib.pylb_dataplane_classify(self.handle, k, vip, fid, u32, u32 + 1, u32 + 2,
                                           stateful), "classify")
         cur, prev = u32[1], u32[2]
@@ -282,6 +284,3 @@ class Dataplane:
         if self._dp is not None and self._owned:
             lib.pylb_dataplane_free(self._dp)
         self._dp = None
-
-
-_KEY_LEN = ffi.sizeof("struct pylb_flow_key")

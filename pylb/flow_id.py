@@ -117,13 +117,22 @@ class FlowKey:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> FlowKey:
-        """The key of a 40-byte form (to_bytes(), struct pylb_flow_key)."""
-        if len(raw) != 40:
-            raise ValueError(f"a flow key is 40 bytes, not {len(raw)}")
-        key = cls(address16(raw[0:16]), address16(raw[16:32]),
-                  int.from_bytes(raw[32:34], "little"), int.from_bytes(raw[34:36], "little"),
-                  raw[36])
-        object.__setattr__(key, "_raw", bytes(raw))
+        """The key of a 40-byte form (to_bytes(), struct pylb_flow_key).
+
+        The form cannot tell an IPv4 address from an IPv6 packet's
+        ::ffff:a.b.c.d; both addresses are IPv4 only when both are mapped,
+        so that an IPv6 packet with one mapped address is still a key."""
+        raw = bytes(raw)
+        if len(raw) != 40 or raw[37:] != b"\0\0\0":
+            raise ValueError("a flow key is 40 bytes, the last 3 zero")
+        src, dst = raw[0:16], raw[16:32]
+        if (src[:12] == _V4_MAPPED) == (dst[:12] == _V4_MAPPED):
+            src_ip, dst_ip = address16(src), address16(dst)
+        else:
+            src_ip, dst_ip = ipaddress.IPv6Address(src), ipaddress.IPv6Address(dst)
+        key = cls(src_ip, dst_ip, int.from_bytes(raw[32:34], "little"),
+                  int.from_bytes(raw[34:36], "little"), raw[36])
+        object.__setattr__(key, "_raw", raw)
         return key
 
 

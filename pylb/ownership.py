@@ -23,6 +23,10 @@ from pylb.flow_id import _FMIX1, _FMIX2, _MASK, _P1, _P2, _P3, hash_bytes
 # sleeve, and distinct from every other seed, so owners are independent of
 # flow ids and of Maglev's permutations.
 OWNERSHIP_SEED = int.from_bytes(b"pylb-own", "little")
+# Buckets computed together (in C) when one of them is first asked for: a
+# millisecond or two at three balancers, so a lookup in a table of millions
+# of buckets never waits for the whole table.
+FILL_BLOCK = 65536
 
 
 def bucket_seed(bucket: int) -> int:
@@ -71,11 +75,10 @@ class Ownership:
     """Owner and backup owner of every bucket 0..table_size-1 for one set of
     live balancers.
 
-    A bucket's owners are computed when first asked for and remembered: the
-    whole table costs N hashes per bucket (0.5 s for 16 balancers and 65537
-    buckets in CPython, docs/ownership.md), which a balancer-set change should
-    not make the miss path wait for; `buckets_of` and `moves` compute the rest
-    when they need it.
+    Buckets' owners are computed in C, a block of FILL_BLOCK at a time, when
+    one of the block is first asked for, and remembered (docs/ownership.md);
+    `buckets_of` and `moves` compute the rest when they need it. The Python
+    rule (`reference_code`) is what the C code is tested against.
     """
 
     def __init__(self, balancers: Iterable[str], table_size: int):
@@ -112,8 +115,7 @@ class Ownership:
             raise ValueError(f"{n} balancers are more than ownership codes can hold")
         # Per bucket, its (owner rank, backup rank) as one integer, plus one
         # so that 0 means "not computed yet": a table of 65537 buckets costs
-        # 256 KiB rather than a dict of tuples. Filled whole, in C, when first
-        # asked (pylb_ownership_fill, a millisecond where Python took 0.3 s).
+        # 256 KiB rather than a dict of tuples.
         self._encoded = encoded
         self._cache = array("I", [0]) * table_size
         self._complete = False
@@ -144,9 +146,11 @@ class Ownership:
         return self.balancers[first], self.balancers[second] if len(self.balancers) > 1 else None
 
     def _code(self, bucket: int) -> int:
-        if not self._complete:
-            self._fill()
-        return self._cache[bucket]
+        code = self._cache[bucket]
+        if not code:
+            self._fill_block(bucket // FILL_BLOCK)
+            code = self._cache[bucket]
+        return code
 
     def reference_code(self, bucket: int) -> int:
         """The rule in Python, bucket by bucket: what pylb_ownership_fill
@@ -193,18 +197,27 @@ class Ownership:
         order = sorted(range(len(scores)), key=lambda rank: (-scores[rank], rank))
         return tuple(self.balancers[rank] for rank in order)
 
-    def _fill(self) -> None:
-        if self._complete:
-            return
+    def _fill_block(self, block: int) -> None:
+        """Buckets [block * FILL_BLOCK, (block + 1) * FILL_BLOCK), in C: a
+        lookup waits for its block only, however large the table."""
         # Imported here so that the reference works where the shim is not built.
         from pylb._ffi import check, ffi, lib
 
-        names = [ffi.new("char[]", b) for b in self._encoded]
+        first = block * FILL_BLOCK
+        count = min(FILL_BLOCK, self.table_size - first)
+        names = [ffi.new("char[]", b) for b in self._encoded]     # alive through the call
         check(lib.pylb_ownership_fill(ffi.new("char *[]", names),
                                       ffi.new("uint32_t[]", [len(b) for b in self._encoded]),
-                                      len(names), self.table_size,
+                                      len(names), self.table_size, first, count,
                                       ffi.from_buffer("uint32_t[]", self._cache)),
               "ownership table")
+
+    def _fill(self) -> None:
+        if self._complete:
+            return
+        for block in range(-(-self.table_size // FILL_BLOCK)):
+            if not self._cache[min(block * FILL_BLOCK + FILL_BLOCK, self.table_size) - 1]:
+                self._fill_block(block)
         self._complete = True
 
     def buckets_of(self, name: str) -> BucketSets:

@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass
 from functools import cached_property
 
-from pylb._ffi import check, ffi, ip_to_c, lib
+from pylb._ffi import check, ffi, ip_to_c, key_bytes, lib
 from pylb.flow_id import address16
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -100,11 +100,8 @@ def parse(frame: bytes) -> Parsed:
         l2_len=out.l2_len, l3_len=out.l3_len, l3_total=out.l3_total, tos=out.tos,
         df=out.df, icmp_type=out.icmp_type, icmp_code=out.icmp_code,
         sport=out.key.sport, dport=out.key.dport,
-        key=bytes(ffi.buffer(ffi.addressof(out, "key"), _KEY_LEN)),
+        key=key_bytes(out),
     )
-
-
-_KEY_LEN = ffi.sizeof("struct pylb_flow_key")
 
 
 # An Ethernet header to parse a bare IP packet with (parse takes frames).

@@ -7,7 +7,7 @@ import ipaddress
 from dataclasses import dataclass
 from functools import cached_property
 
-from pylb._ffi import check, ffi, ip_to_c, lib
+from pylb._ffi import check, ffi, ip_to_c, key_bytes, lib
 from pylb.dataplane import NO_BACKEND, Dataplane
 from pylb.flow_id import address16
 from pylb.stats import Stats
@@ -23,7 +23,6 @@ class PuntReason(enum.IntEnum):
 
 
 _REASONS = {int(r): r for r in PuntReason}    # an enum call costs a microsecond
-_KEY_LEN = ffi.sizeof("struct pylb_flow_key")
 
 
 class Action(enum.IntEnum):
@@ -123,7 +122,7 @@ class Worker:
     def _punt(p) -> Punt:
         return Punt(None if p.slot == NO_SLOT else p.slot, _REASONS[p.reason], p.vip, p.flow_id,
                     p.bucket, p.current, p.previous, p.backend, p.tcp_flags,
-                    bytes(ffi.buffer(ffi.addressof(p, "key"), _KEY_LEN)),
+                    key_bytes(p),
                     p.key.sport, p.key.dport, p.key.proto)
 
     def apply(self, verdicts: list[Verdict]) -> None:

@@ -317,3 +317,20 @@ def test_seed_out_of_range(seed):
     for function in (flow_id, native_flow_id):
         with pytest.raises(ValueError, match="unsigned 64-bit"):
             function(key, seed)
+
+
+def test_from_bytes_round_trips_and_refuses_a_bad_form():
+    for text in ("tcp 198.51.100.7:40000 -> 192.0.2.10:80",
+                 "udp [2001:db8::7]:53 -> [2001:db8:1::10]:53"):
+        key = FlowKey.parse(text)
+        assert FlowKey.from_bytes(key.to_bytes()) == key
+        assert FlowKey.from_bytes(bytearray(key.to_bytes())).to_bytes() == key.to_bytes()
+    # An IPv6 packet from ::ffff:a.b.c.d to an IPv6 VIP: one mapped address
+    # is not an IPv4 flow; the key stays whole and the same bytes.
+    mixed = FlowKey(ipaddress.IPv6Address("::ffff:198.51.100.7"),
+                    ipaddress.IPv6Address("2001:db8:1::10"), 40000, 80, 6)
+    assert FlowKey.from_bytes(mixed.to_bytes()).to_bytes() == mixed.to_bytes()
+    with pytest.raises(ValueError):
+        FlowKey.from_bytes(mixed.to_bytes()[:39])
+    with pytest.raises(ValueError):
+        FlowKey.from_bytes(mixed.to_bytes()[:39] + b"\1")

@@ -142,3 +142,30 @@ def test_a_large_packet_with_source_port_0(eal):
         tb.send(flows, LARGE)
         assert tb.lost(flows) == 0 and tb.broken(flows) == 0
         assert tb.lbs["lb2"].cluster.counters["requests_headers_only"] > 0
+
+
+def test_a_punt_the_miss_path_cannot_decide_is_dropped_and_counted(eal, monkeypatch):
+    """Whatever a packet does to the miss path, the balancer goes on: the
+    packet is dropped, counted under punts "failed", and the next ones work."""
+    with testbed.Testbed(["lb1", "lb2", "lb3"], BACKENDS[:4]) as tb:
+        flows = testbed.flows(200, seed=14)
+        _started_at_lb1(tb, flows)
+        lb2 = tb.lbs["lb2"]
+        decide, calls = lb2.cluster.decide, []
+
+        def failing_once(p):
+            calls.append(p)
+            if len(calls) == 1:
+                raise ValueError("a packet nobody foresaw")
+            return decide(p)
+
+        monkeypatch.setattr(lb2.cluster, "decide", failing_once)
+        tb.set_router(["lb2"])
+        tb.send(flows, "PA")
+        assert lb2.verdicts_by_reason["failed"] == 1
+        assert tb.lost(flows) == 1
+        assert lb2.worker.stats().held_now == 0
+        with pytest.raises(ValueError):
+            lb2.dataplane.classify(b"not 40 bytes")     # refused, never read past its end
+        tb.send(flows, "PA")
+        assert tb.lost(flows) == 1 and tb.broken(flows) == 0

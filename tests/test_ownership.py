@@ -11,7 +11,8 @@ import time
 import pytest
 
 from pylb.flow_id import hash_bytes
-from pylb.ownership import OWNERSHIP_SEED, Move, Ownership, bucket_seed, moves, score
+from pylb.ownership import (FILL_BLOCK, OWNERSHIP_SEED, Move, Ownership, bucket_seed, moves,
+                            score)
 
 M = 65537
 FOUR = ["lb-a", "lb-b", "lb-c", "lb-d"]
@@ -276,13 +277,15 @@ def test_unknown_balancer_and_mismatched_sizes():
 
 
 @pytest.mark.parametrize("n, table_size", [(1, 13), (2, 251), (3, 65537), (7, 4099), (16, 65537),
-                                           (40, 1009)])
+                                           (40, 1009), (3, 1_000_003)])
 def test_the_native_table_matches_the_reference(n, table_size):
-    """pylb_ownership_fill computes every bucket at once, as the Python rule
-    does bucket by bucket (names of other lengths than 8 bytes included)."""
+    """pylb_ownership_fill computes blocks of buckets at once, as the Python
+    rule does bucket by bucket (names of other lengths than 8 bytes, and
+    the edges of blocks, included)."""
     rng = random.Random(n)
-    listed = [f"balancer-{rng.randrange(10**6)}-{'x' * rng.randrange(12)}" for _ in range(n)]
+    listed = [f"balancer-{rng.randrange(10**6)}-{'é' * rng.randrange(12)}" for _ in range(n)]
     own = Ownership(listed, table_size)
-    step = max(1, table_size // 3000)
-    for bucket in range(0, table_size, step):
+    step = max(1, min(table_size, 65537) // 3000)
+    edges = [b for b in (FILL_BLOCK - 1, FILL_BLOCK, table_size - 1) if b < table_size]
+    for bucket in [*range(0, min(table_size, 65537), step), *edges]:
         assert own._code(bucket) == own.reference_code(bucket), bucket
