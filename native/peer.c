@@ -30,16 +30,18 @@ PYLB_API int pylb_worker_peer_recv(struct pylb_worker *w, uint8_t *buf, uint32_t
     return PYLB_OK;
 }
 
-PYLB_API int pylb_worker_held_frame(const struct pylb_worker *w, uint32_t slot, uint8_t *buf,
-                                    uint32_t size, uint32_t *len)
+PYLB_API int pylb_worker_held_ip(const struct pylb_worker *w, uint32_t slot, uint8_t *buf,
+                                 uint32_t size, uint32_t *len)
 {
     if (slot >= w->max_held || w->held[slot].m == NULL)
         return pylb_fail(PYLB_ENOTFOUND, "no held packet in slot %u", slot);
-    const struct rte_mbuf *m = w->held[slot].m;
-    if (m->data_len > size)
-        return pylb_fail(PYLB_ETOOBIG, "held frame of %u bytes, buffer of %u", m->data_len, size);
-    memcpy(buf, rte_pktmbuf_mtod(m, const uint8_t *), m->data_len);
-    *len = m->data_len;
+    const struct held_pkt *h = &w->held[slot];
+    if (h->l3_total > size)
+        return pylb_fail(PYLB_ETOOBIG, "held packet of %u bytes, buffer of %u", h->l3_total, size);
+    if ((uint32_t)h->l2_len + h->l3_total > h->m->data_len)
+        return pylb_fail(PYLB_EINVAL, "held packet longer than its frame's first segment");
+    memcpy(buf, rte_pktmbuf_mtod_offset(h->m, const uint8_t *, h->l2_len), h->l3_total);
+    *len = h->l3_total;
     return PYLB_OK;
 }
 

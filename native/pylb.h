@@ -594,9 +594,10 @@ int pylb_worker_solicit(struct pylb_worker *w, const struct pylb_ip *ip);
  * (length in lens[i]; longer frames are cut and counted in *cut). */
 int pylb_worker_peer_recv(struct pylb_worker *w, uint8_t *buf, uint32_t stride, uint32_t *lens,
                           uint32_t max, uint32_t *n, uint32_t *cut);
-/* Copies the frame of a held packet (slot from a punt) into buf. */
-int pylb_worker_held_frame(const struct pylb_worker *w, uint32_t slot, uint8_t *buf,
-                           uint32_t size, uint32_t *len);
+/* Copies the IP packet of a held packet (slot from a punt) into buf: its
+ * frame without the L2 header. */
+int pylb_worker_held_ip(const struct pylb_worker *w, uint32_t slot, uint8_t *buf,
+                        uint32_t size, uint32_t *len);
 /* Sends payload in a UDP datagram from the balancer's data address of the
  * peer's family to the peer, both ports dataplane.peer_port. */
 int pylb_worker_send_peer(struct pylb_worker *w, const struct pylb_ip *peer,

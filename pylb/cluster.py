@@ -395,9 +395,7 @@ class ClusterNode:
 
     def _held_ip(self, slot: int) -> bytes:
         """The IP packet of a held frame (no Ethernet header)."""
-        frame = self.lb.worker.held_frame(slot)
-        parsed = packet.parse(frame)
-        return frame[parsed.l2_len:parsed.l2_len + parsed.l3_total]
+        return self.lb.worker.held_ip(slot)
 
     def _wait_for_state(self, key: FlowKey, flow_id: int, udp: bool, ip_packet: bytes | None,
                         waiter: str | None = None, local: bool = False,

@@ -142,10 +142,10 @@ class Worker:
         return [bytes(raw[i * PEER_STRIDE:i * PEER_STRIDE + self._peer_lens[i]])
                 for i in range(self._n[0])]
 
-    def held_frame(self, slot: int) -> bytes:
-        """The frame of a held packet (peer messages, state requests)."""
-        check(lib.pylb_worker_held_frame(self.handle, slot, self._frame_buf, len(self._frame_buf),
-                                         self._n), "reading a held packet")
+    def held_ip(self, slot: int) -> bytes:
+        """The IP packet of a held packet (what a state request carries)."""
+        check(lib.pylb_worker_held_ip(self.handle, slot, self._frame_buf, len(self._frame_buf),
+                                      self._n), "reading a held packet")
         return bytes(ffi.buffer(self._frame_buf, self._n[0]))
 
     def send_peer(self, address, payload: bytes) -> None:
