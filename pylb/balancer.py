@@ -282,21 +282,47 @@ class Balancer:
         forwarding. Its exit is logged by a thread of its own."""
         if not argv:
             return
-        import subprocess
         import threading
+        threading.Thread(target=self._hook, args=(argv, what, self.hook_cpus()),
+                         daemon=True).start()
+
+    def hook_cpus(self) -> set[int] | None:
+        """Where an operator's command runs: the CPUs the process had before
+        DPDK pinned it, less this balancer's data-plane core. A child inherits
+        the pinning of the thread that starts it, and a hook on the data-plane
+        core (a Python start-up: a second or more on a busy machine) delays
+        the poll loop just when the router moves its flows: new flows' pushes
+        and answers to owners came late, and owners decided without them (the
+        lab's reset at step e). None: leave the affinity as it is."""
+        import os
+        before = getattr(self.eal, "cpus_before", None)
+        if not before:
+            return None
+        pinned = os.sched_getaffinity(0)      # the control loop's thread: the lcore
+        return set(before - pinned) or set(before)
+
+    @staticmethod
+    def _hook(argv: list[str], what: str, cpus: set[int] | None) -> None:
+        """Runs in a thread of its own: the affinity set here (Linux: per
+        thread) is the child's."""
+        import os
+        import subprocess
+        if cpus:
+            try:
+                os.sched_setaffinity(0, cpus)
+            except OSError as err:
+                log.warning(f"drain {what} command: CPUs not set", cpus=sorted(cpus),
+                            error=str(err))
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT)
         except OSError as err:
             log.error(f"drain {what} command failed to start", argv=argv, error=str(err))
             return
-
-        def wait():
-            out, _ = proc.communicate()
-            (log.info if proc.returncode == 0 else log.error)(
-                f"drain {what} command ended", argv=argv, status=proc.returncode,
-                output=out.decode(errors="replace")[-2000:])
-        threading.Thread(target=wait, daemon=True).start()
+        out, _ = proc.communicate()
+        (log.info if proc.returncode == 0 else log.error)(
+            f"drain {what} command ended", argv=argv, status=proc.returncode,
+            output=out.decode(errors="replace")[-2000:])
 
     def _drain_tick(self) -> None:
         """Whether a drain is over: the handoff period has passed, no request
@@ -653,9 +679,11 @@ class Balancer:
         last_solicit = last_snapshot = last_drain_check = time.monotonic()
         self.publish_snapshot()
         while not should_stop():
-            # Shorter idle while an owner waits for state: the wait ends
-            # between polls (cluster.decision_delay_ms).
-            waiting = self.cluster is not None and self.cluster.undecided
+            # Shorter idle while an owner waits for state (the wait ends
+            # between polls, cluster.decision_delay_ms) or state waits to be
+            # pushed: a balancer the router has just left goes idle with the
+            # pushes of its last new flows queued, while the owners wait.
+            waiting = self.cluster is not None and self.cluster.urgent()
             self.step(max_bursts=1024, max_idle_us=2_000 if waiting else 20_000)
             self.run_commands()
             now = time.monotonic()

@@ -530,6 +530,10 @@ class ClusterNode:
         size = self._table_size(c.vip)
         holders = self.holders(size, c.bucket)
         rec = self.store.get(kb)
+        if rec is None:
+            rec = self._forwarded_here(kb, c)
+            if rec is not None and self.name in holders:
+                self._store(rec)
         unasked = None      # a request to the former holders that could not be sent
         if rec is None and self.name in holders:
             former = [h for h in self.former_holders(size, c.bucket) if h not in (self.name, sender)]
@@ -596,6 +600,24 @@ class ClusterNode:
                     self._answer(waiter, rec)
                     self.counters["requests_answered"] += 1
             self._settle(unasked, rec, backend)
+
+    def _forwarded_here(self, kb: bytes, c: Classification) -> StateRecord | None:
+        """The flow's state from this balancer's own flow cache: a flow it
+        forwards (it saw the SYN, or was told) has its backend known first
+        hand, whether or not this balancer holds the bucket. A balancer asked
+        about a bucket it no longer holds (a former holder, a draining
+        balancer) while its push of the flow is still on its way must answer
+        with that: rule 4 is for flows nobody has seen, and names the
+        previous table's backend, wrong for a flow that started after the
+        change (the lab's reset at steps d and e)."""
+        hit = self.lb.cache.peek(kb, c.flow_id, now_ms())
+        if hit is None or not 0 <= hit[0] < len(self.lb.dataplane.backends):
+            return None
+        known = self.exchanged.get(kb)
+        version = known[1] if known else _version(seen_syn=True)
+        self.counters["answered_from_cache"] += 1
+        return StateRecord(kb, self.lb.dataplane.backends[hit[0]].address, version, hit[1],
+                           False)
 
     def _on_answer(self, sender: str, msg) -> None:
         for rec in msg.records:
@@ -724,6 +746,14 @@ class ClusterNode:
             self._announce_clean(now)
         if self._answers:
             self._flush_answers()
+
+    def urgent(self) -> bool:
+        """Whether the loop should come back soon rather than idle: an owner
+        waits for a flow's state, or new flows' state waits for the next
+        push (push_interval_ms), which an owner may be waiting for."""
+        return bool(self.undecided) or any(
+            records for (_, kind), records in self._pushes.items()
+            if kind == MessageType.STATE_PUSH)
 
     def _retry(self, now: float) -> None:
         base = self.config.request_timeout_ms / 1000.0

@@ -58,6 +58,9 @@ class Eal:
         if _started is not None:
             raise StateError("the EAL already runs in this process")
         self.args = list(args)
+        # The CPUs this process may use before DPDK pins its main thread to
+        # the data-plane core: where helpers it starts (drain hooks) run.
+        self.cpus_before = frozenset(os.sched_getaffinity(0))
         keep = [ffi.new("char[]", a.encode()) for a in self.args]
         argv = ffi.new("char *[]", keep)
         check(lib.pylb_eal_init(len(keep), argv), "starting DPDK (EAL)")

@@ -99,3 +99,49 @@ def test_drain_wait_returns_when_the_process_has_exited(tmp_path):
             proc.communicate()
     assert proc.returncode == 0, err
     assert "Counter equations: all hold" in out and "balancer drained" in err
+
+
+def test_the_withdraw_command_does_not_run_on_the_data_plane_core(tmp_path):
+    """A child inherits the pinning of the thread that starts it: a withdraw
+    command started by the control loop ran on the data-plane core, and its
+    Python start-up held up the poll loop just when the router moved the
+    flows (the lab's reset at step e: new flows' pushes and answers came
+    after their owners had decided)."""
+    import os
+    everywhere = sorted(os.sched_getaffinity(0) | set(range(os.cpu_count() or 1)))
+    if len(everywhere) < 2:
+        pytest.skip("one CPU: nowhere else to run")
+    data = yaml.safe_load((ROOT / "examples" / "pcap.yaml").read_text())
+    data["balancer"]["data"]["device"] = \
+        f"net_pcap_hook,rx_pcap={tmp_path}/in.pcap,tx_pcap={tmp_path}/out.pcap"
+    sock = str(tmp_path / "a.sock")
+    data["balancer"]["admin"] = {"socket": sock}
+    data["balancer"]["dpdk"] = {**(data["balancer"].get("dpdk") or {}), "cores": [everywhere[0]]}
+    seen = tmp_path / "cpus"
+    data["balancer"]["drain"] = {"quiet_period": 0.5, "withdraw": [
+        "sh", "-c", f"grep Cpus_allowed_list /proc/self/status > {seen}"]}
+    (tmp_path / "lb.yaml").write_text(yaml.safe_dump(data))
+    pcap.write(tmp_path / "in.pcap", [])
+    proc = subprocess.Popen([sys.executable, "-m", "pylb.cli", "run", "--config",
+                             str(tmp_path / "lb.yaml")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            # As a service starts: any CPU (this process may be pinned).
+                            preexec_fn=lambda: os.sched_setaffinity(0, everywhere))
+    try:
+        wait_for_socket(sock, 30)
+        r = subprocess.run([sys.executable, "-m", "pylb.cli", "drain", "--socket", sock, "--wait",
+                            "--timeout", "20"], capture_output=True, text=True, timeout=60,
+                           cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, err
+    listed = seen.read_text().split(":", 1)[1].strip()
+    cpus = set()
+    for part in listed.split(","):
+        lo, _, hi = part.partition("-")
+        cpus |= set(range(int(lo), int(hi or lo) + 1))
+    assert cpus == set(everywhere) - {everywhere[0]}, (listed, err)
