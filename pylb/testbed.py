@@ -294,6 +294,11 @@ class Testbed:
         self.close()
 
 
+def set_cluster(lb: Balancer, **changes) -> None:
+    """Changes a running balancer's cluster settings in place (tests)."""
+    lb.cluster.config = lb.cluster.config.model_copy(update=changes)
+
+
 def _fkey(f: traffic.Flow) -> tuple:
     return (f.proto, str(ipaddress.ip_address(f.src)), f.sport, str(ipaddress.ip_address(f.dst)),
             f.dport)

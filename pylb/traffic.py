@@ -11,6 +11,7 @@ import struct
 from dataclasses import dataclass
 
 from pylb import packet
+from pylb.flow_id import FlowKey
 
 ETH_IPV4, ETH_IPV6 = 0x0800, 0x86DD
 TCP_FLAGS = {"S": 0x02, "A": 0x10, "PA": 0x18, "FA": 0x11, "R": 0x04}
@@ -67,6 +68,10 @@ class Flow:
         fmt = lambda a, p: f"[{a}]:{p}" if ":" in a else f"{a}:{p}"  # noqa: E731
         return f"{'tcp' if self.proto == 6 else 'udp'} {fmt(self.src, self.sport)} -> " \
                f"{fmt(self.dst, self.dport)}"
+
+    def key(self) -> FlowKey:
+        return FlowKey(ipaddress.ip_address(self.src), ipaddress.ip_address(self.dst),
+                       self.sport, self.dport, self.proto)
 
     def frames(self, dst_mac: str, src_mac: str, kinds: list[str]) -> list[bytes]:
         """One frame per kind: TCP flag strings ("S", "PA", "FA") or "U" for

@@ -9,7 +9,6 @@ on, so live flows may predate several changes in force.
 """
 from __future__ import annotations
 
-import ipaddress
 import itertools
 import time
 from collections import Counter
@@ -67,11 +66,6 @@ class WeightedTestbed(testbed.Testbed):
         return config_mod.parse(data, f"testbed {name}")
 
 
-def flow_key(f: traffic.Flow) -> FlowKey:
-    return FlowKey(ipaddress.ip_address(f.src), ipaddress.ip_address(f.dst), f.sport, f.dport,
-                   f.proto)
-
-
 class Entry(NamedTuple):
     """One flow's state in one member's store."""
 
@@ -103,7 +97,7 @@ class Run:
         flows = list(itertools.islice(self._supply, n))
         for f in flows:
             self.started_after[f] = self.backend_changes
-            self.keys[flow_key(f).to_bytes()] = flow_key(f)
+            self.keys[f.key().to_bytes()] = f.key()
         self.live += flows
         self.tb.send(flows, "S")
         self.tb.send(flows, "PA")
@@ -134,8 +128,8 @@ class Run:
         state may outlive the change (until its flow ends and the refresh
         removes it, or its idle timeout), so the set only grows."""
         dataplane = self._dataplane()
-        self.needs_state |= {flow_key(f) for f in self.live
-                             if dataplane.classify(flow_key(f)).moved}
+        self.needs_state |= {f.key() for f in self.live
+                             if dataplane.classify(f.key()).moved}
 
     def note_cached_copies(self) -> None:
         """At a backend change, every balancer pushes the flows it caches as
@@ -347,7 +341,7 @@ def _flows_that_leave_lb1_after(drop_generation, seen_between: bool) -> tuple[in
         tb.send(flows, "S")
         tb.send(flows, "PA")
         tb.set_backends(BACKENDS[1:5])
-        moved = sum(tb.lbs["lb1"].dataplane.classify(flow_key(f)).moved for f in flows)
+        moved = sum(tb.lbs["lb1"].dataplane.classify(f.key()).moved for f in flows)
         if seen_between:
             tb.set_router(["lb2"])
         tb.send(flows, "PA")

@@ -5,26 +5,17 @@ balancer before the first one's batched push reaches the owner: deciding at
 once by the previous table would send it to the old backend and break it."""
 from __future__ import annotations
 
-import ipaddress
 import time
 
 import pytest
 
 from pylb import testbed
-from pylb.flow_id import FlowKey
 
 pytestmark = pytest.mark.dpdk
 
 BACKENDS = [f"b-{i}" for i in range(1, 6)]
 
 
-def _key(f) -> FlowKey:
-    return FlowKey(ipaddress.ip_address(f.src), ipaddress.ip_address(f.dst), f.sport, f.dport,
-                   f.proto)
-
-
-def _configure(lb, **changes) -> None:
-    lb.cluster.config = lb.cluster.config.model_copy(update=changes)
 
 
 def _heard(tb) -> int:
@@ -49,11 +40,11 @@ def test_a_flow_that_just_started_elsewhere_keeps_its_backend(eal, delay_ms, pus
             tb.step()     # the scans after the change end (they flush pushes as they go)
         for lb in tb.lbs.values():
             # No retry while an owner waits: each packet is delivered once.
-            _configure(lb, decision_delay_ms=delay_ms, request_timeout_ms=5000)
+            testbed.set_cluster(lb, decision_delay_ms=delay_ms, request_timeout_ms=5000)
         lb1 = tb.lbs["lb1"]
         flows = []
         for f in testbed.flows(400, seed=8):
-            c = lb1.dataplane.classify(_key(f))
+            c = lb1.dataplane.classify(f.key())
             # Moved buckets that lb1 does not hold: their state must travel.
             if c.moved and "lb1" not in lb1.cluster.holders(lb1.cluster._table_size(c.vip),
                                                            c.bucket):
@@ -61,7 +52,7 @@ def test_a_flow_that_just_started_elsewhere_keeps_its_backend(eal, delay_ms, pus
         assert len(flows) > 20
 
         # The flows start at lb1, whose pushes are slow to leave.
-        _configure(lb1, push_interval_ms=60_000)
+        testbed.set_cluster(lb1, push_interval_ms=60_000)
         tb.set_router(["lb1"])
         tb.send(flows, "S")
         # Their next packets reach lb3 (the router changed) before the pushes.
@@ -75,7 +66,7 @@ def test_a_flow_that_just_started_elsewhere_keeps_its_backend(eal, delay_ms, pus
             tb.step()
         if not push_in_time:
             tb.settle()                      # the owners decide without the pushes
-        _configure(lb1, push_interval_ms=1)
+        testbed.set_cluster(lb1, push_interval_ms=1)
         tb.settle()
         tb.send(flows, "PA")
 
@@ -95,16 +86,16 @@ def test_a_fin_kept_through_the_wait_marks_the_state_closing(eal):
     with testbed.Testbed(["lb1", "lb2", "lb3"], BACKENDS[:4]) as tb:
         tb.set_backends(BACKENDS[1:])
         lb2 = tb.lbs["lb2"]
-        flows = [f for f in testbed.flows(300, seed=4) if lb2.dataplane.classify(_key(f)).moved]
+        flows = [f for f in testbed.flows(300, seed=4) if lb2.dataplane.classify(f.key()).moved]
         assert len(flows) > 20
         tb.set_router(["lb2"])
         tb.send(flows, "FA")      # nobody has their state: every owner waits, then decides
         assert tb.lost(flows) == 0
         owned_here = 0
         for f in flows:
-            c = lb2.dataplane.classify(_key(f))
+            c = lb2.dataplane.classify(f.key())
             owner = lb2.cluster.holders(lb2.cluster._table_size(c.vip), c.bucket)[0]
             owned_here += owner == "lb2"
-            rec = tb.lbs[owner].cluster.store.get(_key(f).to_bytes())
+            rec = tb.lbs[owner].cluster.store.get(f.key().to_bytes())
             assert rec is not None and rec.closing, (str(f), owner, rec)
         assert 0 < owned_here < len(flows)      # both ways: lb2's own wait and a request's

@@ -73,31 +73,40 @@ def test_a_draining_balancer_keeps_its_flows_hands_off_and_ends(eal, tmp_path):
         assert "no VIP packet" in live.lb.drain_state["detail"]
 
 
-def test_drain_wait_returns_when_the_process_has_exited(tmp_path):
+def _run_and_drain(tmp_path, name: str, drain: dict, **popen) -> tuple:
+    """`pylb run` on the pcap example, then `pylb drain --wait` on it: the
+    drain command's result and the balancer's exit status, stdout and stderr."""
     data = yaml.safe_load((ROOT / "examples" / "pcap.yaml").read_text())
     data["balancer"]["data"]["device"] = \
-        f"net_pcap_drain,rx_pcap={tmp_path}/in.pcap,tx_pcap={tmp_path}/out.pcap"
+        f"net_pcap_{name},rx_pcap={tmp_path}/in.pcap,tx_pcap={tmp_path}/out.pcap"
     sock = str(tmp_path / "a.sock")
     data["balancer"]["admin"] = {"socket": sock}
-    data["balancer"]["drain"] = {"quiet_period": 0.5}
+    data["balancer"]["drain"] = drain
+    data["balancer"]["dpdk"] = {**(data["balancer"].get("dpdk") or {}),
+                                **popen.pop("dpdk", {})}
     (tmp_path / "lb.yaml").write_text(yaml.safe_dump(data))
     pcap.write(tmp_path / "in.pcap", [])
     proc = subprocess.Popen([sys.executable, "-m", "pylb.cli", "run", "--config",
                              str(tmp_path / "lb.yaml")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, **popen)
     try:
         wait_for_socket(sock, 30)
         r = subprocess.run([sys.executable, "-m", "pylb.cli", "drain", "--socket", sock, "--wait",
                             "--timeout", "20"], capture_output=True, text=True, timeout=60,
                            cwd=ROOT)
-        assert r.returncode == 0, r.stderr
-        assert "balancer lb-pcap: exited" in r.stdout
-        out, err = proc.communicate(timeout=20)
+        out, err = proc.communicate(timeout=20) if r.returncode == 0 else (None, None)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.communicate()
-    assert proc.returncode == 0, err
+    return r, proc.returncode, out, err
+
+
+def test_drain_wait_returns_when_the_process_has_exited(tmp_path):
+    r, status, out, err = _run_and_drain(tmp_path, "drain", {"quiet_period": 0.5})
+    assert r.returncode == 0, r.stderr
+    assert "balancer lb-pcap: exited" in r.stdout
+    assert status == 0, err
     assert "Counter equations: all hold" in out and "balancer drained" in err
 
 
@@ -111,34 +120,15 @@ def test_the_withdraw_command_does_not_run_on_the_data_plane_core(tmp_path):
     everywhere = sorted(os.sched_getaffinity(0) | set(range(os.cpu_count() or 1)))
     if len(everywhere) < 2:
         pytest.skip("one CPU: nowhere else to run")
-    data = yaml.safe_load((ROOT / "examples" / "pcap.yaml").read_text())
-    data["balancer"]["data"]["device"] = \
-        f"net_pcap_hook,rx_pcap={tmp_path}/in.pcap,tx_pcap={tmp_path}/out.pcap"
-    sock = str(tmp_path / "a.sock")
-    data["balancer"]["admin"] = {"socket": sock}
-    data["balancer"]["dpdk"] = {**(data["balancer"].get("dpdk") or {}), "cores": [everywhere[0]]}
     seen = tmp_path / "cpus"
-    data["balancer"]["drain"] = {"quiet_period": 0.5, "withdraw": [
-        "sh", "-c", f"grep Cpus_allowed_list /proc/self/status > {seen}"]}
-    (tmp_path / "lb.yaml").write_text(yaml.safe_dump(data))
-    pcap.write(tmp_path / "in.pcap", [])
-    proc = subprocess.Popen([sys.executable, "-m", "pylb.cli", "run", "--config",
-                             str(tmp_path / "lb.yaml")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            # As a service starts: any CPU (this process may be pinned).
-                            preexec_fn=lambda: os.sched_setaffinity(0, everywhere))
-    try:
-        wait_for_socket(sock, 30)
-        r = subprocess.run([sys.executable, "-m", "pylb.cli", "drain", "--socket", sock, "--wait",
-                            "--timeout", "20"], capture_output=True, text=True, timeout=60,
-                           cwd=ROOT)
-        assert r.returncode == 0, r.stderr
-        out, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.communicate()
-    assert proc.returncode == 0, err
+    r, status, _, err = _run_and_drain(
+        tmp_path, "hook", {"quiet_period": 0.5, "withdraw": [
+            "sh", "-c", f"grep Cpus_allowed_list /proc/self/status > {seen}"]},
+        dpdk={"cores": [everywhere[0]]},
+        # As a service starts: any CPU (this process may be pinned).
+        preexec_fn=lambda: os.sched_setaffinity(0, everywhere))
+    assert r.returncode == 0, r.stderr
+    assert status == 0, err
     listed = seen.read_text().split(":", 1)[1].strip()
     cpus = set()
     for part in listed.split(","):

@@ -11,25 +11,16 @@ the flow's backend: the ACK went to the old backend, which reset the
 connection."""
 from __future__ import annotations
 
-import ipaddress
 
 import pytest
 
 from pylb import testbed
-from pylb.flow_id import FlowKey
 
 pytestmark = pytest.mark.dpdk
 
 BACKENDS = [f"b-{i}" for i in range(1, 6)]
 
 
-def _key(f) -> FlowKey:
-    return FlowKey(ipaddress.ip_address(f.src), ipaddress.ip_address(f.dst), f.sport, f.dport,
-                   f.proto)
-
-
-def _configure(lb, **changes) -> None:
-    lb.cluster.config = lb.cluster.config.model_copy(update=changes)
 
 
 def test_a_drained_balancer_answers_for_the_flows_it_forwards(eal):
@@ -40,7 +31,7 @@ def test_a_drained_balancer_answers_for_the_flows_it_forwards(eal):
         lb1, lb3 = tb.lbs["lb1"], tb.lbs["lb3"]
         flows = []
         for f in testbed.flows(600, seed=5):
-            c = lb1.dataplane.classify(_key(f))
+            c = lb1.dataplane.classify(f.key())
             size = lb1.cluster._table_size(c.vip)
             # Moved buckets lb3 holds before the drain: the others will ask it.
             if c.moved and "lb3" in lb3.cluster.holders(size, c.bucket):
@@ -53,18 +44,18 @@ def test_a_drained_balancer_answers_for_the_flows_it_forwards(eal):
         assert set(lb3.cluster.members) == {"lb1", "lb2"}
         for lb in tb.lbs.values():
             # One request per packet: no retry, no timing in the verdict.
-            _configure(lb, request_timeout_ms=5000)
+            testbed.set_cluster(lb, request_timeout_ms=5000)
 
         # New connections reach lb3 just before the router drops it; its
         # pushes are still on their way when their next packets arrive.
-        _configure(lb3, push_interval_ms=60_000)
+        testbed.set_cluster(lb3, push_interval_ms=60_000)
         tb.set_router(["lb3"])
         tb.send(flows, "S")
         tb.set_router(["lb1", "lb2"])
         tb.send(flows, "PA")
         asked = lb3.cluster.counters["requests_answered"]
         assert asked > 0, "nobody asked lb3: pick another seed"
-        _configure(lb3, push_interval_ms=1)
+        testbed.set_cluster(lb3, push_interval_ms=1)
         tb.settle()
         tb.send(flows, "PA")
 
@@ -85,8 +76,8 @@ def test_the_loop_does_not_idle_long_while_a_push_is_queued(eal):
         lb1 = tb.lbs["lb1"]
         assert not lb1.cluster.urgent()
         flows = [f for f in testbed.flows(200, seed=5)
-                 if lb1.dataplane.classify(_key(f)).moved]
-        _configure(lb1, push_interval_ms=60_000)
+                 if lb1.dataplane.classify(f.key()).moved]
+        testbed.set_cluster(lb1, push_interval_ms=60_000)
         tb.set_router(["lb1"])
         tb.send_unsettled(flows, "S")
         for _ in range(3):
@@ -102,6 +93,6 @@ def test_the_loop_does_not_idle_long_while_a_push_is_queued(eal):
         lb1.step = step
         lb1.run(lambda: len(idles) >= 2)
         assert idles[0] == 2_000
-        _configure(lb1, push_interval_ms=1)
+        testbed.set_cluster(lb1, push_interval_ms=1)
         tb.settle()
         assert not lb1.cluster.urgent()

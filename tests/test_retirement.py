@@ -4,23 +4,17 @@ balancer; the others retire once their owner has announced them (CLEAN), and
 flows keep their backend throughout."""
 from __future__ import annotations
 
-import ipaddress
 import time
 
 import pytest
 
 from pylb import peer, testbed
-from pylb.flow_id import FlowKey
 
 pytestmark = pytest.mark.dpdk
 
 MEMBERS = ["lb1", "lb2", "lb3"]
 BACKENDS = [f"b-{i}" for i in range(1, 6)]
 
-
-def _key(f) -> FlowKey:
-    return FlowKey(ipaddress.ip_address(f.src), ipaddress.ip_address(f.dst), f.sport, f.dport,
-                   f.proto)
 
 
 def _stateful(lb) -> set[int]:
@@ -45,7 +39,7 @@ def test_buckets_with_old_flows_stay_stateful_and_the_rest_retire_everywhere(eal
         _rounds(tb, 0.2)                     # lb1 pushes its flows of moved buckets
         lb1 = tb.lbs["lb1"]
         moved_before = _stateful(lb1)
-        classified = {f: lb1.dataplane.classify(_key(f)) for f in flows}
+        classified = {f: lb1.dataplane.classify(f.key()) for f in flows}
         old = {c.bucket for c in classified.values() if c.stateful}
         assert old and len(moved_before) > 10 * len(old)
 
