@@ -306,8 +306,9 @@ class ClusterNode:
     def _request_fits(self, ip_packet: bytes, targets: list[str]) -> bool:
         """Whether the packet fits a STATE_REQUEST to every one of targets."""
         mtu, keyed = self._peer_mtu(), self.key is not None
-        return all(peer.request_fits(len(ip_packet), mtu, self._address(t).version, keyed)
-                   for t in targets if self._address(t) is not None)
+        addresses = (self._address(t) for t in targets)
+        return all(peer.request_fits(len(ip_packet), mtu, a.version, keyed)
+                   for a in addresses if a is not None)
 
     def _keep(self, pend: Pending, ip_packet: bytes) -> None:
         if len(pend.kept) < MAX_UNDECIDED_PACKETS:

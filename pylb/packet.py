@@ -106,7 +106,7 @@ def parse(frame: bytes) -> Parsed:
 
 # An Ethernet header to parse a bare IP packet with (parse takes frames).
 ETH_FOR = {4: b"\0" * 12 + b"\x08\x00", 6: b"\0" * 12 + b"\x86\xdd"}
-_TCP = 6
+_TCP, _UDP = 6, 17
 
 
 def ip_headers(ip_packet: bytes) -> bytes:
@@ -119,7 +119,7 @@ def ip_headers(ip_packet: bytes) -> bytes:
     if version not in ETH_FOR:
         raise ValueError("not an IP packet")
     p = parse(ETH_FOR[version] + ip_packet)
-    if p.result != ParseResult.OK or not p.flags & ParseFlag.HAS_L4 or p.l4_proto not in (6, 17):
+    if p.result != ParseResult.OK or not p.flags & ParseFlag.HAS_L4 or p.l4_proto not in (_TCP, _UDP):
         raise ValueError("not an IP packet with a TCP or UDP header")
     l4_len = (ip_packet[p.l3_len + 12] >> 4) * 4 if p.l4_proto == _TCP else 8
     cut = bytearray(ip_packet[:p.l3_len + l4_len])
@@ -127,7 +127,7 @@ def ip_headers(ip_packet: bytes) -> bytes:
         cut[p.l3_len + 4:p.l3_len + 6] = (8).to_bytes(2, "big")     # UDP length
     if version == 4:
         cut[2:4] = len(cut).to_bytes(2, "big")
-        cut[10:12] = b"\0\0"
+        cut[10:12] = b"\0\0"       # the checksum is computed with its own field zero
         cut[10:12] = internet_checksum(bytes(cut[:p.l3_len])).to_bytes(2, "big")
     else:
         cut[4:6] = (len(cut) - 40).to_bytes(2, "big")
