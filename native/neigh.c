@@ -84,6 +84,17 @@ PYLB_API int pylb_neigh_set_static(struct pylb_neigh *n, const struct pylb_ip *i
     return PYLB_OK;
 }
 
+PYLB_API int pylb_neigh_learn(struct pylb_neigh *n, const struct pylb_ip *ip, const uint8_t mac[6])
+{
+    struct neigh_entry *e = neigh_slot(n, ip, 1);
+    if (e == NULL)
+        return pylb_fail(PYLB_EFULL, "neighbour table is full");
+    if (e->state == NEIGH_DYNAMIC && memcmp(e->mac, mac, 6) == 0)
+        return PYLB_OK;     /* unchanged: workers keep their prepared headers */
+    neigh_learn(n, ip, mac, 1);
+    return PYLB_OK;
+}
+
 PYLB_API int pylb_neigh_lookup(struct pylb_neigh *n, const struct pylb_ip *ip, uint8_t mac[6])
 {
     struct neigh_entry *e = neigh_slot(n, ip, 0);

@@ -15,7 +15,13 @@
 
 #define RING_PORT_NAME_MAX 19
 
-static int port_seq;
+/* A port's mempool is named after its port id, so that a secondary process
+ * finds it (pylb_port_attach); a closed port's id is reused only after its
+ * pool was freed. */
+static void pool_name(uint16_t port_id, char *out, size_t size)
+{
+    snprintf(out, size, "pylb_mb_port%u", port_id);
+}
 
 static int looks_like_pci(const char *dev)
 {
@@ -33,39 +39,55 @@ static void vdev_name(const char *dev, char *name, size_t size)
     name[n] = '\0';
 }
 
-static int open_ring_port(struct pylb_port *p, const char *name)
+/* Ring names of a ring port's queue q: NAME_rxQ, NAME_txQ. */
+static void ring_names(const char *name, uint16_t q, char *rx, char *tx, size_t size)
 {
-    char rname[RTE_RING_NAMESIZE + 8];
+    snprintf(rx, size, "%.19s_rx%u", name, q);
+    snprintf(tx, size, "%.19s_tx%u", name, q);
+}
+
+static void ring_port_mac(struct pylb_port *p)
+{
+    /* The ring PMD's MAC is all zeros and cannot be set: give the port a
+     * locally administered one of ours so its frames are told apart. */
+    const uint8_t mac[6] = {0x02, 'r', 'i', 'n', (uint8_t)(p->port_id >> 8), (uint8_t)p->port_id};
+    memcpy(p->mac, mac, 6);
+    p->has_own_mac = 1;
+}
+
+static int open_ring_port(struct pylb_port *p, const char *name, uint16_t queues)
+{
+    char rx[RTE_RING_NAMESIZE + 8], tx[RTE_RING_NAMESIZE + 8];
     /* The ring PMD names its device "net_ring_" + name within 28 bytes. */
     if (strlen(name) == 0 || strlen(name) > RING_PORT_NAME_MAX)
         return pylb_fail(PYLB_EINVAL, "ring port name '%s': 1 to %d characters", name,
                          RING_PORT_NAME_MAX);
-    snprintf(rname, sizeof(rname), "%s_rx", name);
-    p->rx_ring = rte_ring_create(rname, 8192, rte_socket_id(), RING_F_SP_ENQ | RING_F_SC_DEQ);
-    snprintf(rname, sizeof(rname), "%s_tx", name);
-    p->tx_ring = rte_ring_create(rname, 8192, rte_socket_id(), RING_F_SP_ENQ | RING_F_SC_DEQ);
-    if (p->rx_ring == NULL || p->tx_ring == NULL)
-        return pylb_fail(PYLB_ENOMEM, "ring port %s: rings: %s", name, rte_strerror(rte_errno));
-    int id = rte_eth_from_rings(name, &p->rx_ring, 1, &p->tx_ring, 1, rte_socket_id());
+    if (queues == 0 || queues > PYLB_MAX_LANES)
+        return pylb_fail(PYLB_EINVAL, "ring port %s: 1 to %d queues", name, PYLB_MAX_LANES);
+    p->n_rings = queues;
+    for (uint16_t q = 0; q < queues; q++) {
+        ring_names(name, q, rx, tx, sizeof(rx));
+        p->rx_ring[q] = rte_ring_create(rx, 8192, rte_socket_id(), RING_F_SP_ENQ | RING_F_SC_DEQ);
+        p->tx_ring[q] = rte_ring_create(tx, 8192, rte_socket_id(), RING_F_SP_ENQ | RING_F_SC_DEQ);
+        if (p->rx_ring[q] == NULL || p->tx_ring[q] == NULL)
+            return pylb_fail(PYLB_ENOMEM, "ring port %s: rings: %s", name, rte_strerror(rte_errno));
+    }
+    int id = rte_eth_from_rings(name, p->rx_ring, queues, p->tx_ring, queues, rte_socket_id());
     if (id < 0)
         return pylb_fail(PYLB_EDPDK, "ring port %s: %s", name, rte_strerror(rte_errno));
     p->port_id = (uint16_t)id;
-    /* The ring PMD's MAC is all zeros and cannot be set: give the port a
-     * locally administered one of ours so its frames are told apart. */
-    const uint8_t mac[6] = {0x02, 'r', 'i', 'n', (uint8_t)(id >> 8), (uint8_t)id};
-    memcpy(p->mac, mac, 6);
-    p->has_own_mac = 1;
+    ring_port_mac(p);
     return PYLB_OK;
 }
 
-static int find_port(struct pylb_port *p, const char *dev)
+static int find_port(struct pylb_port *p, const char *dev, uint16_t queues)
 {
     char name[RTE_ETH_NAME_MAX_LEN];
     uint16_t id;
     if (strncmp(dev, "ring:", 5) == 0) {
         p->is_ring = 1;
         snprintf(p->name, sizeof(p->name), "%s", dev + 5);
-        return open_ring_port(p, p->name);
+        return open_ring_port(p, p->name, queues);
     }
     if (looks_like_pci(dev)) {
         vdev_name(dev, name, sizeof(name));
@@ -132,10 +154,10 @@ PYLB_API int pylb_port_open(const struct pylb_port_conf *c, struct pylb_port **o
     if (p == NULL)
         return pylb_fail(PYLB_ENOMEM, "port: out of memory");
     p->port_id = UINT16_MAX;
-    int rc = find_port(p, c->device);
+    int rc = find_port(p, c->device, RTE_MAX(c->rx_queues, c->tx_queues));
     if (rc == PYLB_OK) {
         char pname[RTE_MEMPOOL_NAMESIZE];
-        snprintf(pname, sizeof(pname), "pylb_mb%d", __atomic_fetch_add(&port_seq, 1, __ATOMIC_RELAXED));
+        pool_name(p->port_id, pname, sizeof(pname));
         uint32_t n = c->mbufs ? c->mbufs : 8191;
         p->pool = rte_pktmbuf_pool_create(pname, n, 256, 0, RTE_MBUF_DEFAULT_BUF_SIZE,
                                           rte_eth_dev_socket_id(p->port_id) < 0 ? 0 :
@@ -158,6 +180,10 @@ PYLB_API void pylb_port_close(struct pylb_port *p)
 {
     if (p == NULL)
         return;
+    if (p->attached) {
+        free(p);    /* the device, its rings and its pool are the primary's */
+        return;
+    }
     if (p->port_id != UINT16_MAX) {
         struct rte_eth_dev_info info;
         struct rte_device *dev = NULL;
@@ -171,13 +197,15 @@ PYLB_API void pylb_port_close(struct pylb_port *p)
                 rte_dev_remove(dev);
         }
     }
-    if (p->rx_ring) {
-        free_ring_mbufs(p->rx_ring);
-        rte_ring_free(p->rx_ring);
-    }
-    if (p->tx_ring) {
-        free_ring_mbufs(p->tx_ring);
-        rte_ring_free(p->tx_ring);
+    for (uint16_t q = 0; q < p->n_rings; q++) {
+        if (p->rx_ring[q]) {
+            free_ring_mbufs(p->rx_ring[q]);
+            rte_ring_free(p->rx_ring[q]);
+        }
+        if (p->tx_ring[q]) {
+            free_ring_mbufs(p->tx_ring[q]);
+            rte_ring_free(p->tx_ring[q]);
+        }
     }
     rte_mempool_free(p->pool);
     free(p);
@@ -233,6 +261,67 @@ PYLB_API int pylb_port_stats(const struct pylb_port *p, struct pylb_port_stats *
     return PYLB_OK;
 }
 
+/* The queue a NIC's RSS might pick: a hash of the frame's addresses and
+ * ports, independent of pylb's flow ids (a NIC's key is not ours). */
+static uint16_t rss_queue(const struct rte_mbuf *m, uint16_t queues)
+{
+    struct pylb_parsed pp;
+    if (pylb_parse(rte_pktmbuf_mtod(m, const uint8_t *), m->data_len, &pp) != PYLB_PARSE_OK ||
+        (pp.l3 != 4 && pp.l3 != 6))
+        return 0;
+    uint64_t h = pylb_flow_id(&pp.key, 0x5253535253535253ull);   /* "RSS" */
+    return (uint16_t)((h >> 32) % queues);
+}
+
+PYLB_API int pylb_port_attach(const char *device, struct pylb_port **out)
+{
+    if (!pylb_eal_running())
+        return pylb_fail(PYLB_ESTATE, "start the EAL before attaching ports");
+    if (device == NULL || out == NULL)
+        return pylb_fail(PYLB_EINVAL, "port attach: device required");
+    struct pylb_port *p = calloc(1, sizeof(*p));
+    if (p == NULL)
+        return pylb_fail(PYLB_ENOMEM, "port: out of memory");
+    p->attached = 1;
+    char name[RTE_ETH_NAME_MAX_LEN];
+    if (strncmp(device, "ring:", 5) == 0) {
+        p->is_ring = 1;
+        snprintf(p->name, sizeof(p->name), "%s", device + 5);
+        snprintf(name, sizeof(name), "net_ring_%s", device + 5);
+    } else {
+        vdev_name(device, name, sizeof(name));
+        snprintf(p->name, sizeof(p->name), "%s", name);
+    }
+    uint16_t id;
+    char pname[RTE_MEMPOOL_NAMESIZE];
+    if (rte_eth_dev_get_port_by_name(name, &id) != 0) {
+        free(p);
+        return pylb_fail(PYLB_ENOTFOUND, "port %s: the primary process has no such port", name);
+    }
+    p->port_id = id;
+    pool_name(id, pname, sizeof(pname));
+    p->pool = rte_mempool_lookup(pname);
+    if (p->pool == NULL) {
+        free(p);
+        return pylb_fail(PYLB_ENOTFOUND, "port %s: mempool %s not found", name, pname);
+    }
+    if (p->is_ring) {
+        char rx[RTE_RING_NAMESIZE + 8], tx[RTE_RING_NAMESIZE + 8];
+        for (uint16_t q = 0; q < PYLB_MAX_LANES; q++) {
+            ring_names(p->name, q, rx, tx, sizeof(rx));
+            p->rx_ring[q] = rte_ring_lookup(rx);
+            p->tx_ring[q] = rte_ring_lookup(tx);
+            if (p->rx_ring[q] == NULL || p->tx_ring[q] == NULL)
+                break;
+            p->n_rings = q + 1;
+        }
+        ring_port_mac(p);
+    }
+    p->started = 1;
+    *out = p;
+    return PYLB_OK;
+}
+
 PYLB_API int pylb_port_inject(struct pylb_port *p, const uint8_t *const *frames, const uint32_t *lens,
                               uint32_t n, uint32_t *injected)
 {
@@ -249,7 +338,12 @@ PYLB_API int pylb_port_inject(struct pylb_port *p, const uint8_t *const *frames,
             char *d = rte_pktmbuf_append(m[i], (uint16_t)RTE_MIN(len, rte_pktmbuf_tailroom(m[i])));
             memcpy(d, frames[done + i], rte_pktmbuf_data_len(m[i]));
         }
-        uint32_t q = rte_ring_enqueue_burst(p->rx_ring, (void **)m, k, NULL);
+        uint32_t q = 0;
+        for (uint32_t i = 0; i < k; i++, q++) {
+            struct rte_ring *r = p->rx_ring[p->n_rings > 1 ? rss_queue(m[i], p->n_rings) : 0];
+            if (rte_ring_enqueue(r, m[i]) != 0)
+                break;
+        }
         if (q < k)
             rte_pktmbuf_free_bulk(m + q, k - q);
         done += q;
@@ -268,7 +362,10 @@ PYLB_API int pylb_port_drain(struct pylb_port *p, uint8_t *buf, uint32_t stride,
     uint32_t got = 0, short_copies = 0;
     while (got < max) {
         struct rte_mbuf *m[PYLB_BURST];
-        uint32_t k = rte_ring_dequeue_burst(p->tx_ring, (void **)m, RTE_MIN(max - got, (uint32_t)PYLB_BURST), NULL);
+        uint32_t k = 0;
+        for (uint16_t q = 0; q < p->n_rings && k == 0; q++)
+            k = rte_ring_dequeue_burst(p->tx_ring[q], (void **)m,
+                                       RTE_MIN(max - got, (uint32_t)PYLB_BURST), NULL);
         if (k == 0)
             break;
         for (uint32_t i = 0; i < k; i++, got++) {

@@ -4,6 +4,7 @@
 
 #include <rte_mbuf.h>
 #include <rte_ring.h>
+#include "internal.h"
 
 struct pylb_port {
     uint16_t port_id;
@@ -11,11 +12,13 @@ struct pylb_port {
     uint8_t is_vdev;       /* probed here: removed again at close */
     uint8_t started;
     uint8_t has_own_mac;   /* ring ports: mac below, not the PMD's */
+    uint8_t attached;      /* opened by the primary; this process only uses it */
+    uint16_t n_rings;      /* ring ports: queues (rx_ring[i], tx_ring[i]) */
     uint8_t mac[6];
     char name[64];
     struct rte_mempool *pool;
-    struct rte_ring *rx_ring;  /* ring ports: what the port receives */
-    struct rte_ring *tx_ring;  /* ring ports: what the port transmitted */
+    struct rte_ring *rx_ring[PYLB_MAX_LANES];  /* ring ports: what each queue receives */
+    struct rte_ring *tx_ring[PYLB_MAX_LANES];  /* ring ports: what each queue transmitted */
 };
 
 /* Frees every mbuf left on a ring (at close: nothing is lost silently). */

@@ -186,6 +186,15 @@ int pylb_flow_cache_attach(void *mem, size_t len, uint64_t capacity, int init,
 /* Allocates process-local memory for a cache (hugepages when the EAL runs). */
 int pylb_flow_cache_create(uint64_t capacity, const uint32_t timeouts_ms[4],
                            struct pylb_flow_cache **out);
+/* A cache in a named hugepage memzone, for the worker processes of one
+ * balancer (docs/architecture.md, process model): the primary creates it,
+ * the others attach by name; destroy frees a handle, and the primary frees
+ * the memzone with free_shared once every handle is gone. */
+int pylb_flow_cache_create_shared(const char *name, uint64_t capacity,
+                                  const uint32_t timeouts_ms[4], struct pylb_flow_cache **out);
+int pylb_flow_cache_attach_shared(const char *name, uint64_t capacity,
+                                  struct pylb_flow_cache **out);
+void pylb_flow_cache_free_shared(const char *name);
 void pylb_flow_cache_destroy(struct pylb_flow_cache *c);
 int pylb_flow_cache_set_timeouts(struct pylb_flow_cache *c, const uint32_t timeouts_ms[4]);
 
@@ -386,6 +395,10 @@ void pylb_neigh_destroy(struct pylb_neigh *n);
 int pylb_neigh_set_static(struct pylb_neigh *n, const struct pylb_ip *ip, const uint8_t mac[6]);
 /* 1 and the MAC if resolved, else 0. */
 int pylb_neigh_lookup(struct pylb_neigh *n, const struct pylb_ip *ip, uint8_t mac[6]);
+/* Records a MAC as if the wire had taught it: lane 0, which takes every ARP
+ * and NDP frame, tells the balancer's other worker processes what it learnt.
+ * Static entries keep theirs. PYLB_EFULL when the table is full. */
+int pylb_neigh_learn(struct pylb_neigh *n, const struct pylb_ip *ip, const uint8_t mac[6]);
 
 /* ------------------------------------------------------------------ port */
 
@@ -403,6 +416,9 @@ struct pylb_port_conf {
 
 struct pylb_port;
 int pylb_port_open(const struct pylb_port_conf *conf, struct pylb_port **out);
+/* In a DPDK secondary process: the port the primary opened from the same
+ * device string, with its mempool; close() leaves the device to the primary. */
+int pylb_port_attach(const char *device, struct pylb_port **out);
 void pylb_port_close(struct pylb_port *p);
 int pylb_port_mac(const struct pylb_port *p, uint8_t mac[6]);
 uint16_t pylb_port_id(const struct pylb_port *p);
@@ -421,10 +437,12 @@ struct pylb_port_stats {
 };
 int pylb_port_stats(const struct pylb_port *p, struct pylb_port_stats *out);
 
-/* Test ports: a device "ring:NAME" is a port over two rte_rings. inject puts
- * frames on its RX ring (as if they arrived from the wire); drain takes what
- * the port transmitted from its TX ring. Frames longer than stride are cut
- * and counted in *cut. PYLB_EINVAL on other ports. */
+/* Test ports: a device "ring:NAME" is a port over rte_rings, one pair per
+ * queue. inject puts frames on its RX rings (as if they arrived from the
+ * wire), spread over the queues by a hash of their addresses and ports as a
+ * NIC's RSS would; drain takes what the port transmitted from its TX rings,
+ * queue by queue. Frames longer than stride are cut and counted in *cut.
+ * PYLB_EINVAL on other ports. */
 int pylb_port_inject(struct pylb_port *p, const uint8_t *const *frames, const uint32_t *lens,
                      uint32_t n, uint32_t *injected);
 int pylb_port_drain(struct pylb_port *p, uint8_t *buf, uint32_t stride, uint32_t *lens,
@@ -478,21 +496,44 @@ struct pylb_worker_conf {
     uint32_t tx_drain_us;            /* flush the TX buffer at least this often */
     uint32_t idle_sleep_max_us;      /* back-off ceiling when no packet arrives */
     uint32_t max_held;               /* held-packet slots for Python */
+    uint16_t lane;                   /* this worker's lane, 0 .. lanes - 1 */
+    uint16_t lanes;                  /* worker processes of the balancer; 0 or 1: alone */
+    const char *lanes_name;          /* their rings' name (pylb_lanes_create); NULL if alone */
 };
+
+/*
+ * Lanes: the worker processes of one balancer (one per core) share the data
+ * port's queues and the flow cache, and split by flow what needs Python: the
+ * flow with id f belongs to lane (f >> PYLB_LANE_KEY_SHIFT) % lanes. A worker hands a
+ * frame that needs another lane's Python (a held packet of its flow, a peer
+ * message for it, by the message's lane key) to that lane's frame ring, and
+ * a new-state notice to its notice ring; lane 0 takes every frame that is
+ * neither VIP traffic nor a peer message (ARP, NDP, the exception TAP). Each
+ * lane reads its rings as it reads its RX queue. docs/architecture.md.
+ */
+#define PYLB_MAX_LANES 16
+#define PYLB_LANE_KEYS 16
+#define PYLB_LANE_KEY_SHIFT 60       /* lane key: the flow id's top 4 bits */
+/* Creates the rings of `lanes` lanes named after `name` (at most 20 bytes),
+ * each holding up to ring_size (a power of two) frames or notices. */
+int pylb_lanes_create(const char *name, uint16_t lanes, uint32_t ring_size);
+/* Frees them and any frame still on them (after every worker was destroyed). */
+void pylb_lanes_free(const char *name, uint16_t lanes);
 
 /*
  * Counters of one worker. Every received frame ends in exactly one outcome
  * (or is still held for Python), so whenever no call is running:
  *
- *   rx == fwd_cache_hit + fwd_new + fwd_table + fwd_fragment + fwd_verdict
- *         + verdict_peer + peer_rx + arp_replied + nd_replied + neigh_learned
- *         + exception_tap + drop_total + held_now
+ *   rx + lane_in == fwd_cache_hit + fwd_new + fwd_table + fwd_fragment
+ *         + fwd_verdict + verdict_peer + peer_rx + arp_replied + nd_replied
+ *         + neigh_learned + exception_tap + lane_out + drop_total + held_now
  *   held == verdict_forward + verdict_drop + verdict_peer + held_now
  *   verdict_forward == fwd_verdict + (verdict forwards dropped by a drop_* reason)
  *   drop_total == drop_parse_truncated + drop_parse_bad + drop_not_ip
  *                 + drop_no_vip + drop_no_backend + drop_no_neighbor
  *                 + drop_too_big + drop_encap + drop_icmp + drop_arp_other
  *                 + drop_exception + drop_verdict + drop_peer_ring_full + drop_local
+ *                 + drop_lane_full
  *   drop_verdict == verdict_drop
  *   tx_ok + tx_dropped == fwd_cache_hit + fwd_new + fwd_table + fwd_fragment
  *         + fwd_verdict + fwd_for_peer + peer_sent + arp_replied + nd_replied
@@ -500,8 +541,9 @@ struct pylb_worker_conf {
  *         (after a flush)
  *   tap_rx == tap_to_wire + health_steered + health_steer_failed
  *
- * Notices (PYLB_PUNT_NEW_STATE) are not rx outcomes: notices + notices_lost
- * counts new flows in moved buckets.
+ * Notices (PYLB_PUNT_NEW_STATE) are not rx outcomes: notices - notices_lane_in
+ * + notices_lane_out + notices_lost counts the new flows in moved buckets this
+ * worker forwarded (summed over a balancer's lanes, notices + notices_lost).
  */
 struct pylb_stats {
     uint64_t rx;
@@ -553,6 +595,11 @@ struct pylb_stats {
     uint64_t tx_dropped;
     uint64_t polls;
     uint64_t idle_sleeps;
+    uint64_t lane_in;           /* frames taken from this lane's ring: received, as rx */
+    uint64_t lane_out;          /* frames handed to another lane: an outcome */
+    uint64_t notices_lane_in;   /* notices from other lanes (counted in notices too) */
+    uint64_t notices_lane_out;  /* notices handed to the flow's lane */
+    uint64_t drop_lane_full;    /* another lane's ring was full */
 };
 
 struct pylb_worker;
@@ -617,6 +664,10 @@ int pylb_worker_forward_ip(struct pylb_worker *w, const uint8_t *ip_packet, uint
  * process (one store the burst loop reads). */
 int pylb_worker_steer_health(struct pylb_worker *w, uint8_t family, uint16_t port,
                              uint32_t backend);
+
+/* Frames waiting for this worker: on its peer ring and its lane's rings, and
+ * on its RX queue where a ring port shows it (tests wait for it to empty). */
+uint32_t pylb_worker_backlog(const struct pylb_worker *w);
 
 /* Ages the flow cache: call now and then from the control loop. */
 int pylb_worker_age_cache(struct pylb_worker *w, uint64_t max_sets, uint64_t *freed);

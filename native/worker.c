@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <time.h>
 #include <rte_cycles.h>
+#include <unistd.h>
 #include <rte_malloc.h>
 #include "encap.h"
 #include "worker.h"
@@ -21,6 +22,7 @@
  * would wait for seconds (seen in the lab: 1-3 s stalls of TCP connections). */
 #define WORK_WAIT_US 500
 #define PEER_RING_SIZE 4096
+#define PEER_LANE_KEY_OFFSET 36   /* in the peer header (docs/peer-protocol.md) */
 
 void worker_count_drop(struct pylb_worker *w, uint64_t *reason, struct rte_mbuf *m)
 {
@@ -197,7 +199,15 @@ static int vip_miss(struct pylb_worker *w, struct rte_mbuf *m, const struct pylb
     int syn = is_tcp && (pp->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
     if (moved && !syn) {
         /* An existing flow (or, for UDP, maybe a new one) with no state in a
-         * bucket whose backend changed: only the owner can say (rule 3). */
+         * bucket whose backend changed: only the owner can say (rule 3).
+         * Its lane's Python asks, so that one process keeps its request. */
+        if (PYLB_UNLIKELY(w->lanes > 1) && !w->from_lane) {
+            uint16_t to = lane_of(w, flow_id);
+            if (to != w->lane) {
+                lane_pass_frame(w, m, to);
+                return 0;
+            }
+        }
         punt->reason = is_tcp ? PYLB_PUNT_MOVED : PYLB_PUNT_UDP_MOVED;
         punt->vip = (int16_t)vi;
         punt->bucket = bucket;
@@ -230,7 +240,11 @@ static int vip_miss(struct pylb_worker *w, struct rte_mbuf *m, const struct pylb
         if (moved) {
             /* Rule 2: a new flow in a moved bucket needs its state at the
              * owner; tell Python, which batches the pushes. */
-            if (room > 0) {
+            uint16_t to = PYLB_UNLIKELY(w->lanes > 1) ? lane_of(w, flow_id) : w->lane;
+            struct pylb_punt passed;
+            if (to != w->lane)
+                punt = &passed;     /* written here, then handed to the flow's lane */
+            if (room > 0 || to != w->lane) {
                 punt->slot = PYLB_NO_BACKEND;
                 punt->reason = PYLB_PUNT_NEW_STATE;
                 punt->tcp_flags = pp->tcp_flags;
@@ -241,8 +255,12 @@ static int vip_miss(struct pylb_worker *w, struct rte_mbuf *m, const struct pylb
                 punt->previous = prev;
                 punt->backend = cur;
                 punt->key = pp->key;
-                w->st.notices++;
-                notice = 1;
+                if (to != w->lane) {
+                    lane_pass_notice(w, punt, to);
+                } else {
+                    w->st.notices++;
+                    notice = 1;
+                }
             } else {
                 w->st.notices_lost++;
             }
@@ -265,6 +283,23 @@ static int health_check_answer(const struct pylb_worker *w, const struct pylb_pa
            __atomic_load_n(health_steer_slot(w, pp->l3, pp->key.dport), __ATOMIC_RELAXED) != 0;
 }
 
+static inline int is_peer_frame(const struct pylb_dataplane *dp, const struct pylb_parsed *pp)
+{
+    return dp->peer_port && pp->l4_proto == 17 && pp->key.dport == dp->peer_port &&
+           (pp->flags & PYLB_PF_HAS_L4) && dp_is_local(dp, &pp->key.dst);
+}
+
+/* A peer message's lane: its header's lane key (docs/peer-protocol.md). One
+ * too short to carry it stays here, where Python drops it as malformed. */
+static uint16_t peer_lane(const struct pylb_worker *w, const struct rte_mbuf *m,
+                          const struct pylb_parsed *pp)
+{
+    uint32_t off = (uint32_t)pp->l2_len + pp->l3_len + 8 + PEER_LANE_KEY_OFFSET;
+    if (off >= m->data_len)
+        return w->lane;
+    return (uint16_t)(rte_pktmbuf_mtod(m, const uint8_t *)[off] % w->lanes);
+}
+
 /* Everything but a VIP's unfragmented packets, once parsed (rc, pp):
  * returns punts written. */
 static int handle_frame(struct pylb_worker *w, struct rte_mbuf *m, int rc,
@@ -280,22 +315,34 @@ static int handle_frame(struct pylb_worker *w, struct rte_mbuf *m, int rc,
             worker_to_exception(w, m, &w->st.drop_not_ip);
         return 0;
     }
-    if (PYLB_UNLIKELY(pp->l3 == PYLB_L3_ARP)) {
-        neigh_handle_arp(w, m, pp);
-        return 0;
-    }
     const struct pylb_dataplane *dp = w->dp;
+    int arp = pp->l3 == PYLB_L3_ARP;
     /* Later fragments carry no port: every fragment of a datagram finds its
      * VIP by address and protocol alone, so all of them meet at one VIP. */
-    int32_t vi = PYLB_UNLIKELY(pp->flags & PYLB_PF_FRAGMENT)
+    int32_t vi = arp ? -1
+                 : PYLB_UNLIKELY(pp->flags & PYLB_PF_FRAGMENT)
                      ? dp_find_vip_any_port(dp, &pp->key.dst, pp->l4_proto)
                      : dp_find_vip(dp, &pp->key.dst, pp->l4_proto, pp->key.dport);
     if (PYLB_LIKELY(vi >= 0))
         return handle_vip(w, m, pp, vi, now, punt, room);
+    int peer = !arp && is_peer_frame(dp, pp);
+    if (PYLB_UNLIKELY(w->lanes > 1) && !w->from_lane) {
+        /* A peer message to the lane of its flows; the rest (ARP, NDP, the
+         * kernel's and the balancer's own traffic) to lane 0, which alone
+         * has the exception port and answers for the balancer. */
+        uint16_t to = peer ? peer_lane(w, m, pp) : 0;
+        if (to != w->lane) {
+            lane_pass_frame(w, m, to);
+            return 0;
+        }
+    }
+    if (PYLB_UNLIKELY(arp)) {
+        neigh_handle_arp(w, m, pp);
+        return 0;
+    }
     if (pp->l4_proto == 58 && neigh_handle_nd(w, m, pp))
         return 0;
-    if (dp_is_local(dp, &pp->key.dst) && dp->peer_port && pp->l4_proto == 17 &&
-        pp->key.dport == dp->peer_port && (pp->flags & PYLB_PF_HAS_L4)) {
+    if (peer) {
         /* Peer messages take their own ring, never the VIP path. */
         if (rte_ring_enqueue(w->peer_ring, m) == 0)
             w->st.peer_rx++;
@@ -342,8 +389,12 @@ static uint32_t handle_burst(struct pylb_worker *w, struct rte_mbuf **m, uint16_
         rte_prefetch0(rte_pktmbuf_mtod(m[i], void *));
     for (uint16_t i = 0; i < n; i++) {
         vip[i] = -1;
-        w->st.rx++;
-        w->st.rx_bytes += m[i]->pkt_len;
+        if (PYLB_LIKELY(!w->from_lane)) {
+            w->st.rx++;
+            w->st.rx_bytes += m[i]->pkt_len;
+        } else {
+            w->st.lane_in++;
+        }
         if (PYLB_UNLIKELY(m[i]->nb_segs > 1) && rte_pktmbuf_linearize(m[i]) != 0) {
             worker_count_drop(w, &w->st.drop_too_big, m[i]);
             m[i] = NULL;
@@ -451,6 +502,31 @@ PYLB_API int pylb_worker_steer_health(struct pylb_worker *w, uint8_t family, uin
     return PYLB_OK;
 }
 
+/* What the other lanes handed to this one: frames, handled as if received
+ * (a held packet of this lane's flows, a peer message for them, lane 0's
+ * share), and notices. Returns punts written; *frames the frames taken. */
+static uint32_t take_from_lanes(struct pylb_worker *w, struct pylb_punt *punts, uint32_t room,
+                                uint32_t *frames)
+{
+    uint32_t np = 0, k = 0;
+    /* As the poll loop asks before a burst: room for its punts and notices,
+     * and a held slot for each frame. */
+    if (room >= 2 * PYLB_BURST && w->n_free >= PYLB_BURST) {
+        struct rte_mbuf *m[PYLB_BURST];
+        k = rte_ring_dequeue_burst(w->lane_frames[w->lane], (void **)m, PYLB_BURST, NULL);
+        if (k > 0) {
+            w->from_lane = 1;
+            np = handle_burst(w, m, (uint16_t)k, pylb_now_ms(), punts,
+                              (int)(room - PYLB_BURST));
+            w->from_lane = 0;
+        }
+    }
+    if (room - np >= PYLB_BURST)
+        np += lane_take_notices(w, punts + np, PYLB_BURST);
+    *frames = k;
+    return np;
+}
+
 PYLB_API int pylb_worker_poll(struct pylb_worker *w, uint32_t max_bursts, uint32_t max_idle_us,
                               struct pylb_punt *punts, uint32_t max_punts, uint32_t *n_punts)
 {
@@ -476,6 +552,14 @@ PYLB_API int pylb_worker_poll(struct pylb_worker *w, uint32_t max_bursts, uint32
         if (n > 0) {
             uint32_t now = pylb_now_ms();
             np += handle_burst(w, m, n, now, &punts[np], (int)(max_punts - np - PYLB_BURST));
+        }
+        uint32_t from_lanes = 0;
+        if (PYLB_UNLIKELY(w->lanes > 1)) {
+            uint32_t frames, got = take_from_lanes(w, &punts[np], max_punts - np, &frames);
+            np += got;
+            from_lanes = frames + got;
+        }
+        if (n > 0 || from_lanes > 0) {
             if (work_since == 0 && (np > 0 || rte_ring_count(w->peer_ring) > 0))
                 work_since = now_tsc;
             bursts++;
@@ -567,7 +651,8 @@ PYLB_API int pylb_worker_create(const struct pylb_worker_conf *c, struct pylb_wo
     w->txb = rte_zmalloc("pylb_txb", RTE_ETH_TX_BUFFER_SIZE(PYLB_BURST), 0);
     char ring_name[RTE_RING_NAMESIZE];
     static int worker_seq;
-    snprintf(ring_name, sizeof(ring_name), "pylb_peer%d",
+    /* Ring names are shared by a balancer's processes: the pid tells theirs apart. */
+    snprintf(ring_name, sizeof(ring_name), "pylb_peer%d_%d", (int)getpid(),
              __atomic_fetch_add(&worker_seq, 1, __ATOMIC_RELAXED));
     w->peer_ring = rte_ring_create(ring_name, PEER_RING_SIZE, rte_socket_id(),
                                    RING_F_SP_ENQ | RING_F_SC_DEQ);
@@ -585,7 +670,9 @@ PYLB_API int pylb_worker_create(const struct pylb_worker_conf *c, struct pylb_wo
     w->n_free = max_held;
     rte_eth_tx_buffer_init(w->txb, PYLB_BURST);
     rte_eth_tx_buffer_set_err_callback(w->txb, rte_eth_tx_buffer_count_callback, &w->st.tx_dropped);
-    int rc = pylb_port_mac(c->port, w->mac);
+    int rc = lanes_attach(w, c->lanes_name, c->lane, c->lanes);
+    if (rc == PYLB_OK)
+        rc = pylb_port_mac(c->port, w->mac);
     if (rc != PYLB_OK) {
         pylb_worker_destroy(w);
         return rc;
@@ -698,6 +785,16 @@ PYLB_API int pylb_worker_solicit(struct pylb_worker *w, const struct pylb_ip *ip
     int rc = neigh_solicit(w, ip, 1);
     flush(w, rte_rdtsc());
     return rc;
+}
+
+PYLB_API uint32_t pylb_worker_backlog(const struct pylb_worker *w)
+{
+    uint32_t n = rte_ring_count(w->peer_ring);
+    if (w->lanes > 1)
+        n += rte_ring_count(w->lane_frames[w->lane]) + rte_ring_count(w->lane_notices[w->lane]);
+    if (w->port->is_ring && w->rxq < w->port->n_rings && w->port->rx_ring[w->rxq])
+        n += rte_ring_count(w->port->rx_ring[w->rxq]);
+    return n;
 }
 
 PYLB_API int pylb_worker_age_cache(struct pylb_worker *w, uint64_t max_sets, uint64_t *freed)

@@ -54,8 +54,27 @@ struct pylb_worker {
     struct backend_tx *be_tx;    /* per backend id: MAC and headers, as last prepared */
     uint32_t n_be;
     uint32_t *health_steer;      /* [family 4, 6][local port]: backend id + 1, 0 = none */
+    uint16_t lane, lanes;        /* lanes.c: 0 and 1 when the worker is alone */
+    uint8_t from_lane;           /* the burst being handled came from this lane's ring */
+    struct rte_ring *lane_frames[PYLB_MAX_LANES];
+    struct rte_ring *lane_notices[PYLB_MAX_LANES];
     struct pylb_stats st;
 };
+
+/* The lane of a flow (pylb.h, "Lanes"). */
+static inline uint16_t lane_of(const struct pylb_worker *w, uint64_t flow_id)
+{
+    return (uint16_t)((flow_id >> PYLB_LANE_KEY_SHIFT) % w->lanes);
+}
+
+/* lanes.c: looks the lanes' rings up (lanes <= 1: alone, nothing to find). */
+int lanes_attach(struct pylb_worker *w, const char *name, uint16_t lane, uint16_t lanes);
+/* Hands m to another lane's frame ring, or drops it (drop_lane_full). */
+void lane_pass_frame(struct pylb_worker *w, struct rte_mbuf *m, uint16_t lane);
+/* Hands a new-state notice to another lane, or counts it lost. */
+void lane_pass_notice(struct pylb_worker *w, const struct pylb_punt *notice, uint16_t lane);
+/* Takes up to room notices from this lane's notice ring into punts. */
+uint32_t lane_take_notices(struct pylb_worker *w, struct pylb_punt *punts, uint32_t room);
 
 /* TX through the worker's buffer; counted in tx_buffered. */
 static inline void worker_tx(struct pylb_worker *w, struct rte_mbuf *m)

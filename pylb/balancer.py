@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import os
 import queue
 import re
 import time
@@ -14,6 +15,8 @@ import structlog
 
 from pylb import eal as eal_mod
 from pylb import config as config_mod
+from pylb import lanes as lanes_mod
+from pylb import logs
 from pylb.config import Config
 from pylb.dataplane import BackendRegistry, Dataplane
 from pylb.errors import ConfigError, PylbError
@@ -29,6 +32,7 @@ PCI_RE = re.compile(r"^([0-9a-fA-F]{4}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]")
 AGE_INTERVAL_S = 1.0
 RETIRE_CHECK_S = 1.0      # how often stateful buckets are looked at for retirement
 SNAPSHOT_INTERVAL_S = 1.0
+NEIGHBOURS_SHARE_S = 0.1  # how often worker 0 tells the others what ARP/NDP taught it
 
 
 class UnknownBackend(ConfigError):
@@ -51,22 +55,21 @@ class Balancer:
     every held mbuf, closes the ports and (if it started it) the EAL."""
 
     def __init__(self, config: Config,
-                 previous_config: Config | list[Config] | tuple[Config, ...] | None = None):
+                 previous_config: Config | list[Config] | tuple[Config, ...] | None = None,
+                 lane: "lanes_mod.LaneRole | None" = None):
         """previous_config: the configuration the cluster ran before its last
         change (any member's), for a balancer that starts or joins while that
         change is in force; or, when several backend changes are in force,
         every configuration since the one before the oldest, oldest first.
         Their VIPs give the history of the tables (the stateful buckets), the
-        last one's cluster section the former members (docs/state-exchange.md)."""
+        last one's cluster section the former members (docs/state-exchange.md).
+        lane: for worker processes 1.. of a balancer with several
+        (pylb/lanes.py starts them); worker 0 finds its own role."""
         self.config = config
         history = [previous_config] if isinstance(previous_config, Config) \
             else list(previous_config or ())
         self.previous_configs = history
         self.previous_config = history[-1] if history else None
-        b = config.balancer
-        if b.workers != 1:
-            raise ConfigError("balancer.workers: only 1 worker per balancer process is supported "
-                              "in this version (see docs/architecture.md, process model)")
         self._closers: list = []
         # The operator's configuration; self.config is what runs: the same with
         # failing (health) and drained (API) backends at weight 0.
@@ -88,27 +91,42 @@ class Balancer:
         self._bucket_counts: tuple[int, dict] = (-1, {})
         self.drain_state: dict | None = None      # a balancer drain in progress (drain_balancer)
         self.eal = eal_mod.Eal.current()
+        self.role = lane if lane is not None else _lane_role(config, self.eal)
+        self.lane = self.role.index if self.role else 0
+        self.lane_count = self.role.count if self.role else 1
+        self.lanes: lanes_mod.LaneSet | None = None     # worker 0's other workers
+        self._divergent_asked: int | None = None         # a worker asked by worker 0
         try:
             self._start(config)
+            if self.role is not None and self.role.primary:
+                self._start_lanes()
         except BaseException:
             self.close()
             raise
 
     def _start(self, config: Config) -> None:
         b = config.balancer
+        role = self.role
         if self.eal is None:
             pci = bool(PCI_RE.match(b.data.device))
-            args = eal_mod.eal_args(core=b.dpdk.cores[0] if b.dpdk.cores else None,
-                                    hugepages=b.dpdk.hugepages, memory_mb=b.dpdk.memory_mb,
-                                    pci=pci, extra=b.dpdk.eal_args)
+            core = role.core if role else (b.dpdk.cores[0] if b.dpdk.cores else None)
+            args = eal_mod.eal_args(core=core, hugepages=b.dpdk.hugepages,
+                                    memory_mb=b.dpdk.memory_mb, pci=pci, extra=b.dpdk.eal_args,
+                                    file_prefix=role.file_prefix if role else None,
+                                    secondary=bool(role and not role.primary))
             self.eal = eal_mod.Eal(args)
             self._closers.append(self.eal.close)
-        self.port = Port(b.data.device, rx_desc=b.data.rx_desc, tx_desc=b.data.tx_desc,
-                         mbufs=b.data.mbufs, promiscuous=b.data.promiscuous)
+        if role is not None and not role.primary:
+            self.port = Port.attach(b.data.device)
+        else:
+            self.port = Port(b.data.device, rx_queues=self.lane_count,
+                             tx_queues=self.lane_count, rx_desc=b.data.rx_desc,
+                             tx_desc=b.data.tx_desc, mbufs=b.data.mbufs,
+                             promiscuous=b.data.promiscuous)
         port_closer = len(self._closers)
         self._closers.append(self.port.close)
         self.exception_port = None
-        if b.data.exception.policy == "tap":
+        if b.data.exception.policy == "tap" and self.lane == 0:
             # The kernel's interface takes the data port's MAC, as a KNI does:
             # it accepts the frames the wire addressed to the balancer, and
             # what it sends names the balancer's MAC.
@@ -119,15 +137,26 @@ class Balancer:
             # the TAP's pool (kernel to wire) until it stops.
             self._closers.insert(port_closer, self.exception_port.close)
         t = b.timeouts
-        self.cache = FlowCache(b.flow_cache.capacity,
-                               Timeouts(*(int(x) for x in t.as_ms())))
+        timeouts = Timeouts(*(int(x) for x in t.as_ms()))
+        if role is None:
+            self.cache = FlowCache(b.flow_cache.capacity, timeouts)
+        elif role.primary:
+            self.cache = FlowCache.create_shared(role.name, b.flow_cache.capacity, timeouts)
+        else:
+            self.cache = FlowCache.attach_shared(role.name, b.flow_cache.capacity)
         self._closers.append(self.cache.close)
         self.neigh = NeighborTable()
         self._closers.append(self.neigh.close)
         for n in b.data.neighbors:
             self.neigh.set_static(n.address, n.mac)
+        if role is not None and role.primary:
+            lanes_mod.create_rings(role.name, role.count)
+            # Freed after every worker, this one's too (closers run backwards).
+            self._closers.append(lambda: lanes_mod.free_rings(role.name, role.count))
         self.worker = Worker(self.port, self.cache, self.neigh, exception_port=self.exception_port,
-                             max_held=b.max_held)
+                             max_held=b.max_held, rx_queue=self.lane, tx_queue=self.lane,
+                             lane=self.lane, lanes=self.lane_count,
+                             lanes_name=role.name if role else None)
         self._closers.append(self.worker.close)
         self.generation = 1
         self.registry = BackendRegistry()
@@ -155,7 +184,8 @@ class Balancer:
                         mtu=b.data.mtu, driver=info["driver"], driver_max_mtu=info["max_mtu"])
         log.info("balancer started", name=b.name, device=b.data.device, mac=self.port.mac,
                  hugepages=self.eal.hugepages, vips=len(config.vips),
-                 backends=len(self.dataplane.backends))
+                 backends=len(self.dataplane.backends),
+                 **({"worker": self.lane, "workers": self.lane_count} if role else {}))
         if self.previous_config is not None:
             self.reconfigure(config)
         self.solicit_next_hops()
@@ -163,6 +193,75 @@ class Balancer:
     @property
     def dataplane(self) -> Dataplane:
         return self.worker.dataplane
+
+    # ------------------------------------------------------------ worker processes
+
+    def _start_lanes(self) -> None:
+        """Worker 0 starts the others (pylb/lanes.py), from the configurations
+        it started from: they replay them as it did."""
+        r = self.role
+        self.lanes = lanes_mod.LaneSet([dataclasses.replace(r, index=i, core=c)
+                                        for i, c in enumerate(_worker_cores(self.config, self.eal))
+                                        if i > 0])
+        # Stopped before this worker and the rings go (closers run backwards).
+        self._closers.append(self._stop_lanes)
+        self.lanes.start({"config": self.configured, "previous": self.previous_configs,
+                          "digest": lanes_mod.backends_digest(self.dataplane),
+                          "log": logs.current})
+        self._share_neighbours()
+
+    def _stop_lanes(self) -> None:
+        if self.lanes is not None:
+            self.lanes.stop()
+
+    def _to_lanes(self, op: tuple) -> None:
+        """Worker 0 tells the others what changed its tables, in order."""
+        # None while worker 0 starts: the others replay its start themselves.
+        if self.lanes is not None:
+            self.lanes.broadcast(op)
+
+    def _share_neighbours(self) -> None:
+        if self.lanes is None:
+            return
+        macs = {}
+        for hop in self.next_hops():
+            mac = self.neigh.lookup(hop)
+            if mac is not None:
+                macs[str(hop)] = mac
+        self.lanes.share_neighbours(macs)
+
+    def lanes_busy(self, since: float = 0.0) -> bool:
+        """Whether any worker process of this balancer may still have work:
+        frames waiting, packets held, requests pending, by what they answered
+        to a question asked at `since` (monotonic) or later; True until such
+        answers came (tests wait for all of it to be done)."""
+        if self.lanes is None:
+            return False
+        self.lanes.poll()
+        answers = self.lanes.reports_since(since)
+        if answers is None:
+            return True
+        return any(r["backlog"] or r["stats"]["held_now"]
+                   or (r.get("cluster") or {}).get("pending_requests") for r in answers)
+
+    def lane_report(self) -> dict:
+        """What a worker process tells worker 0 every second."""
+        c = self.cluster
+        report = {"pid": os.getpid(), "stats": dataclasses.asdict(self.stats()),
+                  "backlog": self.worker.backlog(),
+                  "punts": dict(self.verdicts_by_reason),
+                  "backend_counts": self.worker.backend_counts(),
+                  "generation": self.generation, "busy_ratio": self._busy_ratio()}
+        if c is not None:
+            report["cluster"] = {"counters": dict(c.counters),
+                                 "peer": dataclasses.asdict(c.peer_stats),
+                                 "state_entries": c.state_entries(),
+                                 "pending_requests": len(c.pending)}
+            if self._divergent_asked is not None:
+                report["divergent"] = (self._divergent_asked, c.busy(),
+                                       {v: sorted(b) for v, b in c._divergent_buckets().items()})
+                self._divergent_asked = None
+        return report
 
     def next_hops(self) -> set:
         """Addresses whose MAC the balancer needs: gateways, or on-link backends
@@ -366,6 +465,7 @@ class Balancer:
         dp = Dataplane(config, self.generation, self.registry, previous=self.dataplane)
         self.worker.set_dataplane(dp)
         self.config = config
+        self._to_lanes(("swap", config, lanes_mod.backends_digest(dp)))
         if self.cluster is not None:
             self.cluster.apply_config(config)
             if dp.newly_moved and config.cluster.state_exchange:
@@ -480,7 +580,7 @@ class Balancer:
 
     def snapshot(self) -> dict:
         stats = self.stats()
-        counts = self.worker.backend_counts()
+        counts = self._backend_counts()
         active = self.cache.active_flows(len(self.dataplane.backends))
         dp = self.dataplane
         configured = {(v.name, b.name): b.weight for v in self.configured.vips for b in v.backends}
@@ -505,10 +605,7 @@ class Balancer:
                  else 0,
                  "health_check": v.health.type if v.health else None}
                 for v in self.configured.vips]
-        mono, cpu = time.monotonic(), time.thread_time()
-        wall = mono - self._busy_mark[0]
-        busy = min(1.0, (cpu - self._busy_mark[1]) / wall) if wall > 0 else 0.0
-        self._busy_mark = (mono, cpu)
+        busy = self._busy_ratio()
         b = self.configured.balancer
         snap = {
             "balancer": {"name": b.name, "generation": self.generation,
@@ -517,8 +614,7 @@ class Balancer:
                          "device": b.data.device, "mac": self.port.mac},
             "taken_at": time.time(),
             "vips": vips, "backends": backends,
-            "workers": [{"id": 0, "core": (b.dpdk.cores or [None])[0], "busy_ratio": busy,
-                         "polls": stats.polls, "idle_sleeps": stats.idle_sleeps}],
+            "workers": self._workers(busy),
             "stats": dataclasses.asdict(stats), "drops": stats.drops(),
             "punts": dict(self.verdicts_by_reason),
             # From the cache's counters, not a scan of it (docs/flow-cache.md).
@@ -531,13 +627,56 @@ class Balancer:
             snap["cluster"] = {
                 "members": {n: str(a) for n, a in c.members.items()}, "me": c.name,
                 "state_exchange": self.configured.cluster.state_exchange,
-                "member_generation": c.member_gen, "state_entries": c.state_entries(),
-                "pending_requests": len(c.pending), "counters": dict(c.counters),
-                "peer": dataclasses.asdict(c.peer_stats),
-                "table_sizes": sorted({v.table_size for v in self.configured.vips})}
+                "member_generation": c.member_gen,
+                "table_sizes": sorted({v.table_size for v in self.configured.vips}),
+                **self._cluster_totals()}
         for extra in self.snapshot_extras:
             extra(snap)
         return snap
+
+    def _busy_ratio(self) -> float:
+        mono, cpu = time.monotonic(), time.thread_time()
+        wall = mono - self._busy_mark[0]
+        busy = min(1.0, (cpu - self._busy_mark[1]) / wall) if wall > 0 else 0.0
+        self._busy_mark = (mono, cpu)
+        return busy
+
+    def _workers(self, busy: float) -> list[dict]:
+        mine = self.worker.stats()
+        cores = _worker_cores(self.config, self.eal) if self.role else \
+            [(self.config.balancer.dpdk.cores or [None])[0]]
+        out = [{"id": 0, "core": cores[0], "pid": os.getpid(), "busy_ratio": busy,
+                "polls": mine.polls, "idle_sleeps": mine.idle_sleeps}]
+        if self.lanes is not None:
+            now = time.monotonic()
+            for role in self.lanes.roles:
+                r = self.lanes.reports.get(role.index)
+                at = self.lanes.report_at.get(role.index)
+                out.append({"id": role.index, "core": role.core,
+                            "pid": self.lanes.procs[role.index].pid
+                            if role.index in self.lanes.procs else None,
+                            "busy_ratio": r["busy_ratio"] if r else None,
+                            "polls": r["stats"]["polls"] if r else None,
+                            "idle_sleeps": r["stats"]["idle_sleeps"] if r else None,
+                            "report_age_s": round(now - at, 3) if at else None})
+        return out
+
+    def _cluster_totals(self) -> dict:
+        """The cluster counters of every worker process, summed."""
+        c = self.cluster
+        counters = collections.Counter(c.counters)
+        peer_stats = collections.Counter(dataclasses.asdict(c.peer_stats))
+        entries, pending = c.state_entries(), len(c.pending)
+        if self.lanes is not None:
+            for report in self.lanes.reports.values():
+                theirs = report.get("cluster")
+                if theirs:
+                    counters.update(theirs["counters"])
+                    peer_stats.update(theirs["peer"])
+                    entries += theirs["state_entries"]
+                    pending += theirs["pending_requests"]
+        return {"state_entries": entries, "pending_requests": pending,
+                "counters": dict(counters), "peer": dict(peer_stats)}
 
     def _buckets_by_backend(self) -> dict[int, int]:
         """Buckets of the current tables per backend id, counted once per generation."""
@@ -600,17 +739,40 @@ class Balancer:
         if not due:
             return 0
         if self.cluster is not None and self.config.cluster.state_exchange:
+            if self.lanes is not None:
+                due = self._lanes_allow(due)
             due = self.cluster.retirable(due)
         n = sum(len(b) for b in due.values())
         if n:
-            self.generation += 1
-            self.worker.set_dataplane(Dataplane(self.config, self.generation, self.registry,
-                                                previous=dp, current=dp.tables, retire=due))
-            if self.cluster is not None:
-                self.cluster.apply_config(self.config)    # the view's table generation
+            self.apply_retirement(due)
+            self._to_lanes(("retire", due, lanes_mod.backends_digest(self.dataplane)))
             log.info("stateful buckets retired", buckets=n, generation=self.generation,
                      still_stateful=sum(len(h.stateful) for h in self.dataplane.history.values()))
         return n
+
+    def apply_retirement(self, due: dict[str, list[int]]) -> None:
+        """Swaps in tables where the buckets of `due` are no longer stateful."""
+        dp = self.dataplane
+        self.generation += 1
+        self.worker.set_dataplane(Dataplane(self.config, self.generation, self.registry,
+                                            previous=dp, current=dp.tables, retire=due))
+        if self.cluster is not None:
+            self.cluster.apply_config(self.config)    # the view's table generation
+
+    def _lanes_allow(self, due: dict[str, list[int]]) -> dict[str, list[int]]:
+        """Of the due buckets, those no worker process holds a flow of on an
+        old backend; nothing while one is moving state or has not answered
+        since it was asked (the owners' store is split among the workers)."""
+        answers = self.lanes.divergent()
+        if answers is None:
+            return {}
+        if any(busy for busy, _ in answers):
+            return {}
+        held = collections.defaultdict(set)
+        for _, divergent in answers:
+            for vip, buckets in divergent.items():
+                held[vip].update(buckets)
+        return {vip: [b for b in buckets if b not in held[vip]] for vip, buckets in due.items()}
 
     def retire_after(self) -> float:
         c = self.config.cluster
@@ -665,7 +827,13 @@ class Balancer:
             self.cluster.on_peer_frames(self.worker.peer_recv())
             self.cluster.tick()
         now = time.monotonic()
-        if self.dataplane.history and now - self._last_retire >= RETIRE_CHECK_S:
+        if self.lanes is not None:
+            self.lanes.poll()
+            if self.lanes.failed:
+                raise PylbError(f"balancer stops: {self.lanes.failed}")
+        # Worker 0 alone retires buckets, for every worker (pylb/lanes.py).
+        if self.dataplane.history and now - self._last_retire >= RETIRE_CHECK_S \
+                and self.lane == 0:
             self._last_retire = now
             self._retire(now, self.retire_after())
         if now - self._last_age >= AGE_INTERVAL_S:
@@ -676,7 +844,7 @@ class Balancer:
     def run(self, should_stop) -> None:
         """Runs until should_stop() is true; idles in the shim, not in Python.
         Between steps: queued commands, and a snapshot every second."""
-        last_solicit = last_snapshot = last_drain_check = time.monotonic()
+        last_solicit = last_snapshot = last_drain_check = last_neighbours = time.monotonic()
         self.publish_snapshot()
         while not should_stop():
             # Shorter idle while an owner waits for state (the wait ends
@@ -693,19 +861,36 @@ class Balancer:
             if now - last_solicit > 5.0:
                 last_solicit = now
                 self.solicit_next_hops()
+            if self.lanes is not None and now - last_neighbours >= NEIGHBOURS_SHARE_S:
+                last_neighbours = now
+                self._share_neighbours()
             if now - last_snapshot >= SNAPSHOT_INTERVAL_S:
                 last_snapshot = now
                 self.publish_snapshot()
         self.run_commands()
 
     def stats(self) -> Stats:
-        return self.worker.stats()
+        """This worker's counters; worker 0's add the other workers' last reports."""
+        total = self.worker.stats()
+        if self.lanes is not None:
+            for report in self.lanes.reports.values():
+                total = total + Stats(**report["stats"])
+        return total
+
+    def _backend_counts(self) -> list[tuple[int, int, int]]:
+        counts = self.worker.backend_counts()
+        if self.lanes is not None:
+            for report in self.lanes.reports.values():
+                theirs = report["backend_counts"]
+                counts = [tuple(a + b for a, b in zip(mine, theirs[i]))
+                          if i < len(theirs) else mine for i, mine in enumerate(counts)]
+        return counts
 
     def backend_counts(self, active_only: bool = False) -> list[BackendCount]:
         """Packets, bytes and new flows per (VIP, backend) since start (ids are
         stable, so counts survive reconfiguration), and the flows cached for
         each now."""
-        counts = self.worker.backend_counts()
+        counts = self._backend_counts()
         active = self.cache.active_flows(len(self.dataplane.backends)).per_backend
         return [BackendCount(ref.vip, ref.name, str(ref.address), *counts[ref.id],
                              _counted(active, ref.id))
@@ -730,3 +915,42 @@ def _counted(per_backend: list[int], backend_id: int) -> int | None:
     """A backend's active flows, or None for an id the cache does not count
     apart (PYLB_FLOW_CACHE_COUNTED_BACKENDS)."""
     return per_backend[backend_id] if backend_id < COUNTED_BACKENDS else None
+
+
+def _worker_cores(config: Config, eal) -> list[int]:
+    """The core of each worker: dpdk.cores in order, or the first ones this
+    process may use (those it could before the EAL pinned it)."""
+    b = config.balancer
+    allowed = eal.cpus_before if eal is not None else os.sched_getaffinity(0)
+    cores = list(b.dpdk.cores) or sorted(allowed)
+    if len(cores) < b.workers:
+        raise ConfigError(f"balancer.workers is {b.workers} but only {len(cores)} cores are "
+                          f"{'listed in dpdk.cores' if b.dpdk.cores else 'allowed'}: one core "
+                          "per worker")
+    return cores[:b.workers]
+
+
+_roles_made = 0
+
+
+def _lane_role(config: Config, eal) -> "lanes_mod.LaneRole | None":
+    """Worker 0's role when the balancer has several workers, else None. The
+    EAL is this balancer's to start, or (tests: several balancers in one
+    process) one started for several processes already."""
+    global _roles_made
+    b = config.balancer
+    if b.workers == 1:
+        return None
+    if eal is not None and (eal.file_prefix is None or eal.secondary):
+        raise ConfigError(f"balancer.workers: {b.workers} worker processes share the EAL's "
+                          "hugepage files, but this process started the EAL for one: let "
+                          "the balancer start it (docs/architecture.md, process model)")
+    if not b.data.device.startswith("ring:") and "af_packet" in b.data.device:
+        raise ConfigError("balancer.workers: the af_packet PMD's sockets cannot be shared "
+                          "between processes; run one worker per balancer on af_packet "
+                          "(docs/architecture.md, process model)")
+    # Short names: DPDK's rings and memzones allow about 30 characters.
+    _roles_made += 1
+    return lanes_mod.LaneRole(0, b.workers, f"l{os.getpid()}_{_roles_made}",
+                              eal.file_prefix if eal is not None else f"pylb-{b.name}",
+                              _worker_cores(config, eal)[0])

@@ -326,7 +326,8 @@ class ClusterNode:
             target = pend.targets[0]
             try:
                 self._send(target, MessageType.STATE_REQUEST, (), payload,
-                           headers_only=pend.headers_only)
+                           headers_only=pend.headers_only,
+                           lane_key=peer.lane_key(pend.flow_id))
                 self.counters["requests_sent"] += 1
                 return True
             except Exception as exc:  # unreachable next hop: try the backup
@@ -491,7 +492,8 @@ class ClusterNode:
         if msg.sender != peer.balancer_id(sender):
             self.peer_stats.count("spoofed")
             return
-        if not self.window.check_and_update(msg.sender, msg.seq):
+        # Each worker process of a balancer counts its own seq.
+        if not self.window.check_and_update((msg.sender, msg.sender_lane), msg.seq):
             self.peer_stats.count("replayed")
             return
         handler = {MessageType.STATE_REQUEST: self._on_request,
@@ -527,6 +529,9 @@ class ClusterNode:
         if c is None:
             self.peer_stats.count("malformed")
             return False
+        if not self._my_lane(c.flow_id):
+            self.peer_stats.count("wrong_lane")
+            return None
         key = FlowKey.from_bytes(kb)
         size = self._table_size(c.vip)
         holders = self.holders(size, c.bucket)
@@ -706,12 +711,25 @@ class ClusterNode:
 
     def _accept(self, rec: StateRecord) -> Classification | None:
         """Rule 5 of the protocol: the backend must belong to the flow's VIP.
-        The flow's classification if it does."""
+        The flow's classification if it does. A flow of another worker
+        process's lane is refused: each keeps its own flows' state."""
         c = self._classify(rec.key)
         if c is None or c.vip is None or self._backend_id(c.vip, rec.backend, strict=True) is None:
             self.peer_stats.count("bad_backend")
             return None
+        if not self._my_lane(c.flow_id):
+            self.peer_stats.count("wrong_lane")
+            return None
         return c
+
+    def _my_lane(self, flow_id: int) -> bool:
+        """Whether a flow is this worker process's (pylb/lanes.py)."""
+        lanes = self.lb.lane_count
+        return lanes == 1 or peer.lane_key(flow_id) % lanes == self.lb.lane
+
+    def busy(self) -> bool:
+        """Whether state is on the move here (retirement waits for it)."""
+        return self._in_transition() or self._export_cursor is not None
 
     # ------------------------------------------------------------ timers
 
@@ -828,6 +846,8 @@ class ClusterNode:
     def _push_cached(self, e, dp) -> None:
         if e.timeout_class == TimeoutClass.TCP_CLOSING:
             return      # ended (FIN or RST seen): nobody needs its state
+        if not self._my_lane(e.flow_id):
+            return      # the shared cache's other flows are other workers' to push
         kb = key_bytes(e)
         holders = self.holders(self._table_size(dp.vip_names[e.vip]), e.bucket)
         known = self.exchanged.get(kb)
@@ -932,24 +952,43 @@ class ClusterNode:
             address = self.members.get(target)
             if address is None:
                 continue
-            batches = peer.encode_batches(k, peer.balancer_id(self.name), self.view,
-                                          self._next_seq, records, self._peer_mtu(),
-                                          address.version, self.key)
             per_batch = peer.records_per_message(k, self._peer_mtu(), address.version,
                                                  self.key is not None)
-            for i, datagram in enumerate(batches):
-                try:
-                    self.lb.worker.send_peer(address, datagram)
-                    self.counters[f"sent_{k.name.lower()}"] += 1
-                except Exception as exc:
-                    # E.g. a member that has just joined, whose MAC is still
-                    # being resolved: keep what was not sent for the next round
-                    # (bounded), state must not be lost on the way.
-                    self.counters["send_failed"] += 1
-                    log.debug("peer datagram not sent", target=target, error=str(exc))
-                    rest = records[i * per_batch:][-MAX_QUEUED:]
-                    self._pushes.setdefault((target, k), [])[:0] = rest
-                    break
+            groups = self._by_lane_key(records)
+            for n, (lane_key, group) in enumerate(groups):
+                batches = peer.encode_batches(k, peer.balancer_id(self.name), self.view,
+                                              self._next_seq, group, self._peer_mtu(),
+                                              address.version, self.key, lane_key,
+                                              self.lb.lane)
+                for i, datagram in enumerate(batches):
+                    try:
+                        self.lb.worker.send_peer(address, datagram)
+                        self.counters[f"sent_{k.name.lower()}"] += 1
+                    except Exception as exc:
+                        # E.g. a member that has just joined, whose MAC is still
+                        # being resolved: keep what was not sent for the next
+                        # round (bounded), state must not be lost on the way.
+                        self.counters["send_failed"] += 1
+                        log.debug("peer datagram not sent", target=target, error=str(exc))
+                        rest = group[i * per_batch:] + [r for _, g in groups[n + 1:] for r in g]
+                        self._pushes.setdefault((target, k), [])[:0] = rest[-MAX_QUEUED:]
+                        break
+                else:
+                    continue
+                break
+
+    def _by_lane_key(self, records: list) -> list[tuple[int, list]]:
+        """Records grouped by their flows' lane keys, in order within each: a
+        message carries one lane key (docs/peer-protocol.md), so that a peer
+        with several worker processes hands it whole to the one whose flows
+        they are. CLEAN records name buckets, not flows: lane key 0."""
+        if not records or not hasattr(records[0], "key"):
+            return [(0, records)]
+        flow_id = self.lb.dataplane.flow_id
+        groups: dict[int, list] = {}
+        for r in records:
+            groups.setdefault(peer.lane_key(flow_id(r.key)), []).append(r)
+        return list(groups.items())
 
     def _peer_mtu(self) -> int:
         """Peer datagrams are built in one mbuf (and af_packet cuts frames near
@@ -961,12 +1000,12 @@ class ClusterNode:
         return self.members.get(target) or self._prev_members.get(target)
 
     def _send(self, target: str, kind: MessageType, records, packet_bytes: bytes | None = None,
-              headers_only: bool = False):
+              headers_only: bool = False, lane_key: int = 0):
         address = self._address(target)
         if address is None:
             raise PylbError(f"no address for balancer {target}")
         msg = peer.Message(kind, peer.balancer_id(self.name), self.view, self._next_seq(),
-                           tuple(records), packet_bytes, headers_only)
+                           tuple(records), packet_bytes, headers_only, lane_key, self.lb.lane)
         self.lb.worker.send_peer(address, peer.encode(msg, self.key))
 
     def _answer(self, target: str, rec: StateRecord) -> None:
@@ -984,11 +1023,13 @@ class ClusterNode:
             try:
                 if address is None:
                     raise PylbError(f"no address for balancer {target}")
-                for datagram in peer.encode_batches(
-                        MessageType.STATE_ANSWER, peer.balancer_id(self.name), self.view,
-                        self._next_seq, records, self._peer_mtu(), address.version, self.key):
-                    self.lb.worker.send_peer(address, datagram)
-                    self.counters["sent_state_answer"] += 1
+                for lane_key, group in self._by_lane_key(records):
+                    for datagram in peer.encode_batches(
+                            MessageType.STATE_ANSWER, peer.balancer_id(self.name), self.view,
+                            self._next_seq, group, self._peer_mtu(), address.version, self.key,
+                            lane_key, self.lb.lane):
+                        self.lb.worker.send_peer(address, datagram)
+                        self.counters["sent_state_answer"] += 1
             except Exception as exc:    # as _flush: one peer must not cost the others theirs
                 self.counters["send_failed"] += 1
                 log.debug("state answer not sent", target=target, error=str(exc))

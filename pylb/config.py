@@ -165,7 +165,7 @@ class Drain(Strict):
 class Balancer(Strict):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     data: DataPort
-    workers: int = Field(1, ge=1, le=64)
+    workers: int = Field(1, ge=1, le=16)   # PYLB_MAX_LANES
     flow_cache: FlowCache = FlowCache()
     timeouts: Timeouts = Timeouts()
     flow_seed: int = Field(0x5EED_1B_5EED_1B, ge=0, lt=1 << 64)

@@ -218,7 +218,7 @@ class Dataplane:
         data = config.balancer.data
         conf = ffi.new("struct pylb_dp_conf *")
         conf.generation = self.generation
-        conf.flow_seed = config.balancer.flow_seed
+        conf.flow_seed = self.flow_seed = config.balancer.flow_seed
         if data.address_v4:
             ip_to_c(data.address_v4, conf.local_v4)
             conf.has_v4 = 1
@@ -256,6 +256,10 @@ class Dataplane:
         """Hands the C block to a worker, which frees it when replaced."""
         self._owned = False
         return self.handle
+
+    def flow_id(self, raw: bytes) -> int:
+        """The flow id of a 40-byte flow key, as the fast path computes it."""
+        return lib.pylb_flow_id(ffi.from_buffer("struct pylb_flow_key *", raw), self.flow_seed)
 
     def classify(self, key) -> Classification:
         """What the fast path decides for a pylb.flow_id.FlowKey, or its

@@ -28,9 +28,24 @@ def hugepages_available() -> bool:
 
 
 def eal_args(*, core: int | None = None, hugepages: str = "auto", memory_mb: int = 512,
-             pci: bool = False, extra: list[str] | None = None) -> list[str]:
+             pci: bool = False, extra: list[str] | None = None,
+             file_prefix: str | None = None, secondary: bool = False) -> list[str]:
     """The EAL command line. --in-memory keeps no files in /dev/hugepages, so a
-    crashed process leaves nothing behind; --no-huge where pages are missing."""
+    crashed process leaves nothing behind; --no-huge where pages are missing.
+    A balancer with several worker processes (pylb/lanes.py) needs shared
+    hugepage files instead: file_prefix names them, and secondary=True
+    attaches to the primary that made them (remove_hugepage_files cleans up)."""
+    if file_prefix is not None:
+        if hugepages == "off" or not hugepages_available():
+            raise StateError("several worker processes share hugepage memory: reserve "
+                             "hugepages (./scripts/setup.sh) or run one worker")
+        args = ["pylb", "-l", str(core if core is not None else sorted(os.sched_getaffinity(0))[0]),
+                "--no-telemetry", "--log-level=*:warning", "--log-level=pmd.net.ring:error",
+                "--log-level=lib.eal:error", f"--file-prefix={file_prefix}",
+                "--proc-type=secondary" if secondary else "--proc-type=primary"]
+        if not pci:
+            args += ["--no-pci"]
+        return args + list(extra or [])
     use_huge = hugepages == "on" or (hugepages == "auto" and hugepages_available())
     if core is None:
         allowed = sorted(os.sched_getaffinity(0))
@@ -49,6 +64,41 @@ def eal_args(*, core: int | None = None, hugepages: str = "auto", memory_mb: int
     return args + list(extra or [])
 
 
+def _hugetlbfs_mounts() -> list[pathlib.Path]:
+    try:
+        lines = pathlib.Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return []
+    return [pathlib.Path(f.split()[1]) for f in lines if len(f.split()) > 2
+            and f.split()[2] == "hugetlbfs"]
+
+
+def remove_hugepage_files(file_prefix: str) -> int:
+    """Removes what a multi-process EAL of file_prefix leaves once every
+    process of it has ended: its hugepage files and its runtime directory.
+    Returns the files removed."""
+    removed = 0
+    for mount in _hugetlbfs_mounts():
+        for f in mount.glob(f"{file_prefix}map_*"):
+            try:
+                f.unlink()
+                removed += 1
+            except OSError:
+                pass
+    runtime = pathlib.Path("/var/run/dpdk") / file_prefix
+    if runtime.is_dir():
+        for f in runtime.iterdir():
+            try:
+                f.unlink()
+            except OSError:
+                pass
+        try:
+            runtime.rmdir()
+        except OSError:
+            pass
+    return removed
+
+
 class Eal:
     """The running EAL of this process. DPDK allows one start per process; close()
     releases its memory, after which no port can be opened in this process."""
@@ -58,6 +108,9 @@ class Eal:
         if _started is not None:
             raise StateError("the EAL already runs in this process")
         self.args = list(args)
+        prefixes = [a.split("=", 1)[1] for a in self.args if a.startswith("--file-prefix=")]
+        self.file_prefix = prefixes[-1] if prefixes else None
+        self.secondary = "--proc-type=secondary" in self.args
         # The CPUs this process may use before DPDK pins its main thread to
         # the data-plane core: where helpers it starts (drain hooks) run.
         self.cpus_before = frozenset(os.sched_getaffinity(0))
@@ -75,7 +128,12 @@ class Eal:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            check(lib.pylb_eal_cleanup(), "stopping DPDK (EAL)")
+            try:
+                check(lib.pylb_eal_cleanup(), "stopping DPDK (EAL)")
+            finally:
+                # The primary ends last (pylb/lanes.py stops the others first).
+                if self.file_prefix is not None and not self.secondary:
+                    remove_hugepage_files(self.file_prefix)
 
     def __enter__(self) -> "Eal":
         return self

@@ -102,6 +102,7 @@ class FlowCache:
         self._memory = memory
         self._view = view
         self._owns_memory = owns_memory
+        self._shared_zone: str | None = None    # create_shared's: freed at close
 
     @classmethod
     def _on_memory(cls, memory, capacity: int, init: bool, timeouts: Timeouts | None,
@@ -131,6 +132,28 @@ class FlowCache:
             raise
 
     @classmethod
+    def create_shared(cls, name: str, capacity: int, timeouts: Timeouts = Timeouts()) -> "FlowCache":
+        """A cache in a named hugepage memzone, for a balancer's worker
+        processes (DPDK primary and secondaries); close() frees the memzone."""
+        out = ffi.new("struct pylb_flow_cache **")
+        check(lib.pylb_flow_cache_create_shared(name.encode(), capacity, timeouts._to_c(), out),
+              "shared flow cache")
+        self = cls.__new__(cls)
+        self._init(out[0], None, None, owns_memory=False)
+        self._shared_zone = name
+        return self
+
+    @classmethod
+    def attach_shared(cls, name: str, capacity: int) -> "FlowCache":
+        """In a DPDK secondary process: the cache create_shared made."""
+        out = ffi.new("struct pylb_flow_cache **")
+        check(lib.pylb_flow_cache_attach_shared(name.encode(), capacity, out),
+              "attaching the shared flow cache")
+        self = cls.__new__(cls)
+        self._init(out[0], None, None, owns_memory=False)
+        return self
+
+    @classmethod
     def attach(cls, memory, capacity: int, timeouts: Timeouts | None = None) -> "FlowCache":
         """Another handle on a cache already laid out in `memory` (a writable,
         64-byte aligned buffer such as an mmap, which must outlive the handle).
@@ -151,6 +174,8 @@ class FlowCache:
             ffi.release(self._view)
         if self._owns_memory:
             self._memory.close()
+        if self._shared_zone is not None:
+            lib.pylb_flow_cache_free_shared(self._shared_zone.encode())
         self._memory = self._view = None
 
     def __enter__(self) -> "FlowCache":

@@ -70,7 +70,8 @@ class SnapshotCollector:
                      rows=[((), 1 if drain else 0)])
         yield _gauge("pylb_worker_busy_ratio", "CPU time of the worker's thread over wall time "
                      "since the last snapshot (it sleeps when idle).", ["worker"],
-                     [((str(w["id"]),), w["busy_ratio"]) for w in snap["workers"]])
+                     [((str(w["id"]),), w["busy_ratio"]) for w in snap["workers"]
+                      if w["busy_ratio"] is not None])     # a worker yet to report
 
     @staticmethod
     def _traffic(snap):

@@ -22,6 +22,14 @@ class NeighborTable:
         check(lib.pylb_neigh_set_static(self.handle, ip, bytes(int(x, 16) for x in mac.split(":"))),
               f"static neighbour {address}")
 
+    def learn(self, address, mac: str) -> None:
+        """A MAC as if the wire had taught it (what lane 0 learnt, for the
+        balancer's other worker processes); static entries keep theirs."""
+        ip = ffi.new("struct pylb_ip *")
+        ip_to_c(address, ip)
+        check(lib.pylb_neigh_learn(self.handle, ip, bytes(int(x, 16) for x in mac.split(":"))),
+              f"neighbour {address}")
+
     def lookup(self, address) -> str | None:
         ip = ffi.new("struct pylb_ip *")
         ip_to_c(address, ip)

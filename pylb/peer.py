@@ -43,6 +43,11 @@ FLAG_HMAC = 0x0001
 # (lengths rewritten to match); the packet itself is too large for a request,
 # so the asker keeps it and forwards it when the answer comes.
 FLAG_HEADERS_ONLY = 0x0002
+# A message's records all belong to flows of one lane key, which it carries, so
+# that a balancer with several worker processes steers it whole to the one
+# whose flows they are (native/pylb.h, "Lanes"; docs/architecture.md).
+LANE_KEYS = 16
+LANE_KEY_SHIFT = 60
 _RECORD_CLOSING = 0x01
 _U32, _U64 = (1 << 32) - 1, (1 << 64) - 1
 _MAX_PAYLOAD = 0xFFFF       # payload_len is 16 bits
@@ -51,7 +56,7 @@ _IP_HEADER_LEN = {4: 20, 6: 40}
 _ADDRESS_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
 _VIP_PROTOS = (6, 17)           # TCP, UDP: the protocols a VIP can have
 
-_HEADER = struct.Struct("!IBBHIIIIQHH12s")
+_HEADER = struct.Struct("!IBBHIIIIQHHBB10s")
 _STATE = struct.Struct("!40s16sQIB7s")
 _REMOVE = struct.Struct("!40sQ")
 # The pad byte is a field, not "x": a receiver must see it to refuse it non-zero.
@@ -224,6 +229,11 @@ def _record_len(type_: MessageType) -> int:
     return _RECORD_LEN.get(type_, RECORD_LEN)
 
 
+def lane_key(flow_id: int) -> int:
+    """The lane key of a flow: the top 4 bits of its id."""
+    return flow_id >> LANE_KEY_SHIFT
+
+
 def _is_ip_packet(packet: bytes) -> bool:
     # The receiver re-parses the packet by its version nibble; a request that
     # cannot hold an IP header is refused here, not deep in the miss path.
@@ -242,12 +252,16 @@ class Message:
     records: tuple = ()
     packet: bytes | None = None     # STATE_REQUEST only: the client's IP packet
     headers_only: bool = False      # STATE_REQUEST only: packet is its headers (FLAG_HEADERS_ONLY)
+    lane_key: int = 0               # the lane key of every flow it carries; 0 for CLEAN
+    sender_lane: int = 0            # the sending worker process (its own seq counter)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "type", MessageType(self.type))
         object.__setattr__(self, "records", tuple(self.records))
         _check_range("sender", self.sender, _U32)
         _check_range("seq", self.seq, _U64)
+        _check_range("lane_key", self.lane_key, LANE_KEYS - 1)
+        _check_range("sender_lane", self.sender_lane, LANE_KEYS - 1)
         if not isinstance(self.view, View):
             raise ValueError(f"view must be a View, not {self.view!r}")
         if self.type == MessageType.STATE_REQUEST:
@@ -291,7 +305,8 @@ def encode(msg: Message, key: bytes | None) -> bytes:
     flags = (FLAG_HMAC if key is not None else 0) | (FLAG_HEADERS_ONLY if msg.headers_only else 0)
     header = _HEADER.pack(MAGIC, VERSION, msg.type, flags,
                           msg.sender, msg.view.member_gen, msg.view.member_hash,
-                          msg.view.table_gen, msg.seq, len(msg.records), len(payload), bytes(12))
+                          msg.view.table_gen, msg.seq, len(msg.records), len(payload),
+                          msg.lane_key, msg.sender_lane, bytes(10))
     signed = header + payload
     return signed + _mac(key, signed) if key is not None else signed
 
@@ -317,8 +332,9 @@ def request_fits(packet_len: int, mtu: int, ip_version: int, keyed: bool) -> boo
 
 def encode_batches(type_: MessageType, sender: int, view: View, next_seq: Callable[[], int],
                    records: Iterable, mtu: int, ip_version: int,
-                   key: bytes | None) -> list[bytes]:
-    """records, in order, in as few datagrams as fit the MTU, each with its own seq."""
+                   key: bytes | None, lane_key: int = 0, sender_lane: int = 0) -> list[bytes]:
+    """records, in order, in as few datagrams as fit the MTU, each with its own
+    seq; all of one lane key (the caller groups them)."""
     type_ = MessageType(type_)
     if type_ not in BATCH_TYPES:
         raise ValueError(f"{type_.name} messages are not batched")
@@ -326,8 +342,8 @@ def encode_batches(type_: MessageType, sender: int, view: View, next_seq: Callab
     if per_message < 1:
         raise ValueError(f"an MTU of {mtu} leaves no room for a {type_.name} record")
     records = tuple(records)
-    return [encode(Message(type_, sender, view, next_seq(), records[start:start + per_message]),
-                   key)
+    return [encode(Message(type_, sender, view, next_seq(), records[start:start + per_message],
+                           lane_key=lane_key, sender_lane=sender_lane), key)
             for start in range(0, len(records), per_message)]
 
 
@@ -339,7 +355,7 @@ def decode(data: bytes, key: bytes | None) -> Message:
     if len(data) < HEADER_LEN:
         raise _malformed(f"{len(data)} bytes, shorter than a header")
     (magic, version, type_number, flags, sender, member_gen, member_hash, table_gen, seq, count,
-     payload_len, reserved) = _HEADER.unpack_from(data)
+     payload_len, lane, sender_lane, reserved) = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise _malformed(f"magic {magic:#010x}")
     if version != VERSION:
@@ -350,6 +366,8 @@ def decode(data: bytes, key: bytes | None) -> Message:
         raise _malformed(f"type {type_number}") from None
     if flags & ~(FLAG_HMAC | FLAG_HEADERS_ONLY) or any(reserved):
         raise _malformed("unknown flags or non-zero reserved bytes")
+    if lane >= LANE_KEYS or sender_lane >= LANE_KEYS:
+        raise _malformed(f"lane key {lane}, sender lane {sender_lane}")
     if flags & FLAG_HEADERS_ONLY and type_ != MessageType.STATE_REQUEST:
         raise _malformed(f"a {type_.name} flagged headers-only")
     mac_len = MAC_LEN if flags & FLAG_HMAC else 0
@@ -378,12 +396,13 @@ def decode(data: bytes, key: bytes | None) -> Message:
         if not _is_ip_packet(payload):
             raise _malformed("a STATE_REQUEST without an IP packet")
         return Message(type_, sender, view, seq, (), payload,
-                       headers_only=bool(flags & FLAG_HEADERS_ONLY))
+                       headers_only=bool(flags & FLAG_HEADERS_ONLY), lane_key=lane,
+                       sender_lane=sender_lane)
     try:
         records = tuple(_decode_records(type_, payload))
     except ValueError as err:
         raise _malformed(str(err)) from None
-    return Message(type_, sender, view, seq, records)
+    return Message(type_, sender, view, seq, records, lane_key=lane, sender_lane=sender_lane)
 
 
 def _decode_records(type_: MessageType, payload: bytes):
@@ -421,7 +440,9 @@ class SeqCounter:
 
 
 class ReplayWindow:
-    """Per-sender sliding window over seq (as IPsec's, RFC 4303 3.4.3).
+    """Per-sender sliding window over seq (as IPsec's, RFC 4303 3.4.3). A
+    sender is whatever keeps one seq counter: a balancer's worker process,
+    (balancer id, sender lane).
 
     A seq is accepted once if it is above the sender's highest seen, or within
     the SIZE below it and not seen yet. Feed it only messages `decode` has
@@ -454,7 +475,7 @@ class ReplayWindow:
 
 
 REASONS = ("accepted", "spoofed", "malformed", "bad_mac", "replayed", "bad_backend", "stale",
-           "view_mismatch")
+           "view_mismatch", "wrong_lane")
 
 
 @dataclasses.dataclass
@@ -463,7 +484,9 @@ class PeerStats:
 
     Messages: received == accepted + spoofed + malformed + bad_mac + replayed;
     view_mismatch counts accepted messages whose view differed. Records of
-    accepted messages: bad_backend and stale count the ones that changed nothing.
+    accepted messages: bad_backend, stale and wrong_lane (a flow of another
+    worker process of this balancer than its message's lane key said) count
+    the ones that changed nothing.
     """
 
     accepted: int = 0
@@ -474,6 +497,7 @@ class PeerStats:
     bad_backend: int = 0
     stale: int = 0
     view_mismatch: int = 0
+    wrong_lane: int = 0
 
     def count(self, reason: str, n: int = 1) -> None:
         if reason not in REASONS:

@@ -32,6 +32,17 @@ class Port:
         check(lib.pylb_port_open(conf, out), f"opening port {device}")
         self._p = out[0]
 
+    @classmethod
+    def attach(cls, device: str) -> "Port":
+        """In a DPDK secondary process (another worker of the balancer): the
+        port the primary opened from `device`. close() leaves it to the primary."""
+        self = cls.__new__(cls)
+        self.device = device
+        out = ffi.new("struct pylb_port **")
+        check(lib.pylb_port_attach(device.encode(), out), f"attaching port {device}")
+        self._p = out[0]
+        return self
+
     @property
     def handle(self):
         """The C handle, for other pylb modules only."""

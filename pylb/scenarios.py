@@ -123,9 +123,12 @@ SCENARIOS = {
 HASHING_ALONE_SUFFICES = {"moved to another balancer"}
 
 
-def run(name: str, exchange: bool, n_flows: int = 2000, seed: int = 1) -> Result:
+def run(name: str, exchange: bool, n_flows: int = 2000, seed: int = 1,
+        workers: dict[str, int] | None = None) -> Result:
+    """workers: worker processes per balancer, e.g. {"lb1": 2} (lb1 is made first)."""
     flows = testbed.flows(n_flows, seed)
-    with testbed.Testbed(["lb1", "lb2", "lb3"], BACKENDS[:4], state_exchange=exchange) as tb:
+    with testbed.Testbed(["lb1", "lb2", "lb3"], BACKENDS[:4], state_exchange=exchange,
+                         workers=workers) as tb:
         SCENARIOS[name](tb, flows)
         return Result(name, exchange, n_flows, tb.broken(flows), tb.lost(flows),
                       tb.duplicated(flows), tb.state_entries(), tb.moved_flows(flows),

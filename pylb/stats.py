@@ -8,7 +8,7 @@ from pylb._ffi import ffi
 DROP_REASONS = ("drop_parse_truncated", "drop_parse_bad", "drop_not_ip", "drop_no_vip",
                 "drop_no_backend", "drop_no_neighbor", "drop_too_big", "drop_encap",
                 "drop_icmp", "drop_arp_other", "drop_exception", "drop_verdict",
-                "drop_peer_ring_full", "drop_local")
+                "drop_peer_ring_full", "drop_local", "drop_lane_full")
 FORWARDED = ("fwd_cache_hit", "fwd_new", "fwd_table", "fwd_fragment", "fwd_verdict")
 
 
@@ -63,6 +63,11 @@ class Stats:
     tx_dropped: int = 0
     polls: int = 0
     idle_sleeps: int = 0
+    lane_in: int = 0
+    lane_out: int = 0
+    notices_lane_in: int = 0
+    notices_lane_out: int = 0
+    drop_lane_full: int = 0
 
     @classmethod
     def from_c(cls, s) -> "Stats":
@@ -83,10 +88,9 @@ class Stats:
         """The documented equations of native/pylb.h that do not hold (empty = all hold)."""
         s = self
         checks = {
-            "rx == outcomes": s.rx == (s.forwarded + s.verdict_peer + s.peer_rx + s.arp_replied
-                                       + s.nd_replied
-                                       + s.neigh_learned + s.exception_tap + s.drop_total
-                                       + s.held_now),
+            "rx == outcomes": s.rx + s.lane_in == (
+                s.forwarded + s.verdict_peer + s.peer_rx + s.arp_replied + s.nd_replied
+                + s.neigh_learned + s.exception_tap + s.lane_out + s.drop_total + s.held_now),
             "held == verdicts + held_now": s.held == (s.verdict_forward + s.verdict_drop
                                                      + s.verdict_peer + s.held_now),
             "drop_total == sum of reasons": s.drop_total == sum(getattr(s, r) for r in DROP_REASONS),

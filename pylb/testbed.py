@@ -47,8 +47,12 @@ class Backends:
 
 class Testbed:
     def __init__(self, balancers: list[str], backends: list[str], state_exchange: bool = True,
-                 table_size: int = 65537, key: str | None = KEY, track: str = "all"):
+                 table_size: int = 65537, key: str | None = KEY, track: str = "all",
+                 workers: dict[str, int] | None = None):
+        """workers: worker processes per balancer (default 1); a balancer with
+        several must be the first one made (it starts the EAL for them)."""
         self.names = list(balancers)
+        self.workers = dict(workers or {})
         self.index = {name: i for i, name in enumerate(self.names)}
         self.backends = list(backends)
         self.backend_history: list[list[str]] = []   # every generation before the current
@@ -88,6 +92,7 @@ class Testbed:
                          "neighbors": [{"address": GATEWAY, "mac": GATEWAY_MAC}]},
                 "flow_cache": {"capacity": 65536, "track": self.track},
                 "max_held": 4096,
+                "workers": self.workers.get(name, 1),
             },
             "cluster": {"balancers": members, "state_exchange": self.state_exchange,
                         "key": self.key, "request_timeout_ms": 100, "push_interval_ms": 1},
@@ -223,13 +228,19 @@ class Testbed:
         return len(message) > 5 and (to, message[5]) in self.losses
 
     def settle(self, timeout: float = 10.0) -> None:
-        """Runs until nothing is in flight and no state request waits."""
+        """Runs until nothing is in flight and no state request waits (in a
+        balancer's other worker processes too, asked once all looks quiet)."""
         deadline = time.monotonic() + timeout
-        quiet = 0
+        quiet, quiet_since = 0, None
         while time.monotonic() < deadline:
             moved = self.step()
             waiting = any(self.lbs[n].cluster.pending for n in self.alive)
-            quiet = quiet + 1 if not moved and not waiting else 0
+            if moved or waiting:
+                quiet, quiet_since = 0, None
+            else:
+                quiet_since = quiet_since or time.monotonic()
+                if not any(self.lbs[n].lanes_busy(quiet_since) for n in self.alive):
+                    quiet += 1
             if quiet >= 3:
                 return
             if not moved:
@@ -271,13 +282,24 @@ class Testbed:
             n += c.moved
         return n
 
+    def _cluster_totals(self, name: str) -> dict:
+        """A balancer's cluster counters, its other worker processes' included
+        (as they report them now)."""
+        lb = self.lbs[name]
+        if lb.lanes is not None:
+            asked, deadline = time.monotonic(), time.monotonic() + 5.0
+            while lb.lanes.reports_since(asked) is None and time.monotonic() < deadline:
+                lb.lanes.poll()
+                time.sleep(0.001)
+        return lb._cluster_totals()
+
     def state_entries(self) -> int:
-        return sum(self.lbs[n].cluster.state_entries() for n in self.alive)
+        return sum(self._cluster_totals(n)["state_entries"] for n in self.alive)
 
     def counters(self) -> dict:
         total = defaultdict(int)
         for n in self.alive:
-            for k, v in self.lbs[n].cluster.counters.items():
+            for k, v in self._cluster_totals(n)["counters"].items():
                 total[k] += v
         return dict(total)
 

@@ -70,8 +70,13 @@ class Worker:
 
     def __init__(self, port, cache, neigh, *, rx_queue: int = 0, tx_queue: int = 0,
                  exception_port=None, max_held: int = 4096, idle_sleep_max_us: int = 1000,
-                 tx_drain_us: int = 100, max_punts: int = 1024):
+                 tx_drain_us: int = 100, max_punts: int = 1024, lane: int = 0, lanes: int = 1,
+                 lanes_name: str | None = None):
+        """lane, lanes, lanes_name: this worker's place among its balancer's
+        worker processes (pylb/lanes.py); the default is a worker alone."""
         conf = ffi.new("struct pylb_worker_conf *")
+        lanes_c = ffi.new("char[]", lanes_name.encode()) if lanes_name else ffi.NULL
+        conf.lane, conf.lanes, conf.lanes_name = lane, lanes, lanes_c
         conf.port = port.handle
         conf.rx_queue, conf.tx_queue = rx_queue, tx_queue
         conf.cache = cache.handle
@@ -185,6 +190,10 @@ class Worker:
         check(lib.pylb_worker_steer_health(self.handle, family, port,
                                            NO_BACKEND if backend is None else backend),
               "steering a health check")
+
+    def backlog(self) -> int:
+        """Frames waiting for this worker (pylb_worker_backlog)."""
+        return lib.pylb_worker_backlog(self.handle)
 
     def age_cache(self, max_sets: int = 4096) -> int:
         freed = ffi.new("uint64_t *")

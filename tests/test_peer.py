@@ -520,7 +520,7 @@ def test_peer_stats():
     stats.count("view_mismatch")
     assert stats.received == 6
     assert stats.as_dict() == dict(accepted=2, spoofed=1, malformed=1, bad_mac=1, replayed=1,
-                                   bad_backend=0, stale=3, view_mismatch=1)
+                                   bad_backend=0, stale=3, view_mismatch=1, wrong_lane=0)
     with pytest.raises(ValueError):
         stats.count("bad-mac")
 

@@ -72,7 +72,7 @@ static inline void lane_forward(struct lane *l, enum kind k)
 
 static inline void lane_sink(struct lane *l)
 {
-    uint32_t got = rte_ring_dequeue_burst(l->port->tx_ring, (void **)(l->pool + l->n_free),
+    uint32_t got = rte_ring_dequeue_burst(l->port->tx_ring[0], (void **)(l->pool + l->n_free),
                                           IN_FLIGHT - l->n_free, NULL);
     l->n_free += got;
     l->returned += got;
@@ -92,7 +92,7 @@ void lane_step(struct lane *l, enum kind k)
         next = next + 1 == l->n_flows ? 0 : next + 1;
     }
     /* The RX ring holds twice what is in flight: the enqueue takes all. */
-    uint32_t put = rte_ring_enqueue_burst(l->port->rx_ring, (void **)give, n, NULL);
+    uint32_t put = rte_ring_enqueue_burst(l->port->rx_ring[0], (void **)give, n, NULL);
     l->next = next;
     l->n_free -= put;
     l->sent += put;

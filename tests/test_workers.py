@@ -1,0 +1,142 @@
+"""A balancer with several worker processes (balancer.workers, pylb/lanes.py):
+worker 0 the DPDK primary, the others secondaries on their own cores and
+queues, sharing the flow cache and splitting by flow what needs Python. The
+cluster scenarios keep every flow with lb1 running two workers; the work is
+really split; a dying worker stops the balancer; nothing is left behind.
+
+Each case runs in a process of its own (tests/workers_support.py): this
+process's EAL runs --in-memory, worker processes need one started for several."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from pylb import config as config_mod
+from pylb import scenarios
+from pylb.balancer import _lane_role
+from pylb.errors import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SUPPORT = ROOT / "tests" / "workers_support.py"
+
+# Taken at collection, before the session's EAL pins this process to one core.
+ALLOWED = os.sched_getaffinity(0)
+pytestmark = pytest.mark.skipif(len(ALLOWED) < 2, reason="two worker processes need two cores")
+
+
+def hugepage_files(prefix: str) -> list[str]:
+    return [str(p) for p in pathlib.Path("/dev/hugepages").glob(f"{prefix}*")] + \
+        [str(p) for p in pathlib.Path("/var/run/dpdk").glob(prefix)]
+
+
+def run_support(*args: str, prefix: str, timeout: float = 300) -> dict:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    try:
+        done = subprocess.run([sys.executable, str(SUPPORT), *args, prefix], capture_output=True,
+                              text=True, timeout=timeout, env=env, cwd=ROOT,
+                              preexec_fn=lambda: os.sched_setaffinity(0, ALLOWED))
+    finally:
+        # The primary removes its files as it ends; a crash must not leave them.
+        left = hugepage_files(prefix)
+        subprocess.run(["rm", "-rf", *left], check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert not left, f"left behind: {left}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def scenario_results():
+    return run_support("scenarios", "1200", prefix="pylb-tw-scen")
+
+
+@pytest.mark.dpdk
+@pytest.mark.parametrize("name", list(scenarios.SCENARIOS))
+def test_no_flow_breaks_with_a_balancer_of_two_workers(scenario_results, name):
+    r = scenario_results[f"{name}|True"]
+    assert (r["broken"], r["lost"]) == (0, 0), r
+    assert r["state_entries"] <= 3 * r["moved_flows"]
+
+
+@pytest.mark.dpdk
+@pytest.mark.parametrize("name", sorted(set(scenarios.SCENARIOS) - scenarios.HASHING_ALONE_SUFFICES))
+def test_without_exchange_flows_still_break_with_two_workers(scenario_results, name):
+    # The baseline is the same with workers: the exchange, not the workers, keeps flows.
+    r = scenario_results[f"{name}|False"]
+    assert r["lost"] == 0 and r["broken"] > 0, r
+
+
+@pytest.fixture(scope="module")
+def lanes():
+    return run_support("lanes", "1000", prefix="pylb-tw-lanes")
+
+
+@pytest.mark.dpdk
+def test_both_workers_carry_traffic_and_split_the_miss_path(lanes):
+    assert (lanes["broken"], lanes["lost"]) == (0, 0)
+    w0, w1 = lanes["worker0"], lanes["workers"][0]
+    for w in (w0, w1):
+        # Its own queue's traffic, hits in the shared cache, and misses of
+        # its lane's flows, some of them handed over by the other worker.
+        assert w["rx"] > 500 and w["fwd_cache_hit"] > 300
+        assert w["held"] > 50 and w["lane_in"] > 20 and w["lane_out"] > 20
+        assert w["notices"] > 50 and w["notices_lane_in"] > 20
+        assert w["drop_total"] == 0 and w["drop_lane_full"] == 0
+    # What one handed over, the other took.
+    assert w0["lane_out"] == w1["lane_in"] and w1["lane_out"] == w0["lane_in"]
+    assert w0["notices_lane_out"] == w1["notices_lane_in"]
+    # Both asked owners, and both got state for their own flows only.
+    assert lanes["cluster0"]["requests_sent"] > 10
+    assert lanes["clusters"][0]["counters"]["requests_sent"] > 10
+    assert lanes["peer0"]["wrong_lane"] == 0 and lanes["clusters"][0]["peer"]["wrong_lane"] == 0
+    assert lanes["peer0"]["replayed"] == 0 and lanes["clusters"][0]["peer"]["replayed"] == 0
+    # Summed over the workers, every frame has one outcome.
+    assert lanes["equations"] == []
+    ids = [w["id"] for w in lanes["snapshot_workers"]]
+    assert ids == [0, 1] and lanes["snapshot_workers"][1]["pid"] > 0
+
+
+@pytest.mark.dpdk
+def test_a_worker_that_dies_stops_the_balancer():
+    r = run_support("kill", prefix="pylb-tw-kill", timeout=120)
+    assert r["stopped"] is not None and "worker 1" in r["stopped"], r
+
+
+def config(**balancer) -> config_mod.Config:
+    return config_mod.parse({
+        "balancer": {"name": "w", "data": {"device": "ring:w", "address_v4": "10.0.0.1"},
+                     **balancer},
+        "vips": [{"name": "web", "address": "192.0.2.1", "protocol": "tcp", "port": 80,
+                  "backends": [{"name": "a", "address": "10.0.1.1"}]}]}, "test")
+
+
+def test_one_worker_has_no_lanes():
+    assert _lane_role(config(), None) is None
+
+
+def test_more_workers_than_cores_is_refused():
+    with pytest.raises(ConfigError, match="one core per worker"):
+        _lane_role(config(workers=3, dpdk={"cores": [0, 1]}), None)
+
+
+def test_af_packet_cannot_have_several_workers():
+    c = config(workers=2, dpdk={"cores": [0, 1]})
+    c = c.model_copy(update={"balancer": c.balancer.model_copy(update={
+        "data": c.balancer.data.model_copy(update={"device": "net_af_packet0,iface=veth0"})})})
+    with pytest.raises(ConfigError, match="af_packet"):
+        _lane_role(c, None)
+
+
+def test_workers_need_an_eal_started_for_them(eal):
+    # The test process's EAL runs --in-memory: no other process can join it.
+    with pytest.raises(ConfigError, match="started the EAL for one"):
+        _lane_role(config(workers=2, dpdk={"cores": [0, 1]}), eal)
+
+
+def test_at_most_sixteen_workers():
+    with pytest.raises(ConfigError):
+        config(workers=17)

@@ -1,0 +1,103 @@
+"""Runs testbed work with balancers of several worker processes, in a process
+of its own: the test process's EAL runs --in-memory, and worker processes
+need one started for several (pylb/lanes.py). Prints one JSON line.
+
+    python tests/workers_support.py scenarios N_FLOWS PREFIX
+    python tests/workers_support.py lanes N_FLOWS PREFIX
+    python tests/workers_support.py kill PREFIX
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+
+from pylb import logs, scenarios, testbed
+from pylb.eal import Eal, eal_args
+from pylb.errors import PylbError
+
+WORKERS = {"lb1": 2}
+
+
+def run_scenarios(n_flows: int) -> dict:
+    out = {}
+    for name in scenarios.SCENARIOS:
+        for exchange in (True, False):
+            r = scenarios.run(name, exchange, n_flows, seed=5, workers=WORKERS)
+            out[f"{name}|{exchange}"] = {k: v for k, v in dataclasses.asdict(r).items()
+                                         if k != "counters"}
+    return out
+
+
+def lane_reports(lb) -> list[dict]:
+    asked = time.monotonic()
+    while (answers := lb.lanes.reports_since(asked)) is None:
+        lb.lanes.poll()
+        time.sleep(0.001)
+    return answers
+
+
+def run_lanes(n_flows: int) -> dict:
+    """A backend change, then the router moves every flow to lb1 (2 workers),
+    which asks owners for them: what each of lb1's workers did."""
+    flows = testbed.flows(n_flows, 7)
+    with testbed.Testbed(["lb1", "lb2", "lb3"], scenarios.BACKENDS[:4], workers=WORKERS) as tb:
+        tb.set_router(["lb2", "lb3"])
+        tb.send(flows, "S")
+        tb.send(flows, "PA")
+        tb.set_backends(["b-2", "b-3", "b-4", "b-5"])
+        tb.send(flows[: n_flows // 2], "PA")
+        tb.set_router(["lb1"])
+        tb.send(flows, "PA")
+        new = testbed.flows(n_flows, 8)
+        tb.send(new, "S")          # new flows in moved buckets: notices, pushes
+        tb.send(new, "PA")
+        tb.send(flows, "FA")
+        lb = tb.lbs["lb1"]
+        reports = lane_reports(lb)
+        return {"broken": tb.broken(flows) + tb.broken(new),
+                "lost": tb.lost(flows) + tb.lost(new),
+                "worker0": dataclasses.asdict(lb.worker.stats()),
+                "workers": [r["stats"] for r in reports],
+                "cluster0": dict(lb.cluster.counters),
+                "peer0": lb.cluster.peer_stats.as_dict(),
+                "clusters": [r["cluster"] for r in reports],
+                "equations": lb.stats().broken_equations(),
+                "snapshot_workers": lb.snapshot()["workers"]}
+
+
+def run_kill() -> dict:
+    """A worker process dies: worker 0's loop stops with the reason."""
+    with testbed.Testbed(["lb1"], scenarios.BACKENDS[:2], workers=WORKERS) as tb:
+        lb = tb.lbs["lb1"]
+        pid = lb.snapshot()["workers"][1]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                lb.step()
+            except PylbError as exc:
+                return {"stopped": str(exc), "pid": pid}
+            time.sleep(0.01)
+        return {"stopped": None, "pid": pid}
+
+
+def main() -> None:
+    what = sys.argv[1]
+    prefix = sys.argv[-1]
+    logs.setup("console", "warning")     # stderr: stdout is the result
+    with Eal(eal_args(file_prefix=prefix)):
+        if what == "scenarios":
+            result = run_scenarios(int(sys.argv[2]))
+        elif what == "lanes":
+            result = run_lanes(int(sys.argv[2]))
+        else:
+            result = run_kill()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
