@@ -868,6 +868,10 @@ class Balancer:
                 last_snapshot = now
                 self.publish_snapshot()
         self.run_commands()
+        # The last round's peer datagrams (answers, pushes, carrier replies)
+        # wait in the TX buffer for the next poll, which will not come: they
+        # leave now, and the summary's tx counters include them.
+        self.worker.flush()
 
     def stats(self) -> Stats:
         """This worker's counters; worker 0's add the other workers' last reports."""

@@ -21,6 +21,7 @@ import structlog
 
 from pylb import packet, peer
 from pylb._ffi import ffi, key_bytes, lib
+from pylb.carriers import Carriers
 from pylb.dataplane import NO_BACKEND, Classification
 from pylb.errors import Full, PylbError
 from pylb.flow_cache import TimeoutClass, now_ms
@@ -64,10 +65,11 @@ class Pending:
 
 @dataclass
 class Undecided:
-    """A flow its owner holds no state for, given `cluster.decision_delay_ms`
-    before rule 4: the state of a flow that has just started elsewhere may be
-    on its way (pushes are batched), and rule 4 would name the previous
-    table's backend, wrong for a new flow in a moved bucket."""
+    """A flow its owner holds no state for, given at most
+    `cluster.decision_delay_ms` before rule 4: the state of a flow that has
+    just started elsewhere may be on its way (pushes are batched), and rule 4
+    would name the previous table's backend, wrong for a new flow in a moved
+    bucket. The other balancers are asked who carries it (pylb/carriers.py)."""
 
     key: FlowKey
     flow_id: int
@@ -77,6 +79,7 @@ class Undecided:
     waiters: list[str] = field(default_factory=list)      # peers whose requests wait on it
     local: bool = False                                   # own traffic: cache the decision
     closing: bool = False                                 # a kept packet had FIN or RST
+    awaiting: set[str] = field(default_factory=set)       # balancers asked, yet to reply
 
 
 def _version(seen_syn: bool) -> int:
@@ -103,6 +106,7 @@ class ClusterNode:
         self.exchanged: dict[bytes, tuple[int, int]] = {}
         self._pushes: dict[str, list[StateRecord]] = {}
         self._answers: dict[str, list[StateRecord]] = {}    # per asker, sent by tick()
+        self.carriers = Carriers(self)
         self._last_push = self._last_refresh = self._last_expire = time.monotonic()
         self.member_gen = 0
         self._ids_for = None
@@ -155,6 +159,13 @@ class ClusterNode:
 
     def _in_transition(self) -> bool:
         return time.monotonic() < self._transition_until
+
+    def others(self) -> list[str]:
+        """Every other balancer that may carry a flow: the members, and during
+        a transition the former members (one that left still forwards the
+        flows the router gave it until the router moves them)."""
+        known = {**(self._prev_members if self._in_transition() else {}), **self.members}
+        return [name for name in known if name != self.name]
 
     def ownership(self, table_size: int) -> Ownership:
         own = self._ownership.get(table_size)
@@ -325,8 +336,10 @@ class ClusterNode:
         while pend.targets:
             target = pend.targets[0]
             try:
+                # From the second try on, the target may have the packet: it
+                # must not keep it twice while it waits for the flow's state.
                 self._send(target, MessageType.STATE_REQUEST, (), payload,
-                           headers_only=pend.headers_only,
+                           headers_only=pend.headers_only, retry=pend.tries > 1,
                            lane_key=peer.lane_key(pend.flow_id))
                 self.counters["requests_sent"] += 1
                 return True
@@ -401,17 +414,23 @@ class ClusterNode:
 
     def _wait_for_state(self, key: FlowKey, flow_id: int, udp: bool, ip_packet: bytes | None,
                         waiter: str | None = None, local: bool = False,
-                        closing: bool = False) -> None:
-        """Rule 4 at the owner, after cluster.decision_delay_ms unless the
-        flow's state comes first; its packets wait here meanwhile."""
+                        closing: bool = False, retry: bool = False) -> None:
+        """Rule 4 at the owner, unless the flow's state comes first: once
+        every balancer asked has said it does not carry the flow, or after
+        cluster.decision_delay_ms. Its packets wait here meanwhile."""
         kb = key.to_bytes()
         waiting = self.undecided.get(kb)
         if waiting is None:
             due = time.monotonic() + self.config.decision_delay() / 1000.0
             waiting = self.undecided[kb] = Undecided(key, flow_id, udp, due, [])
             self.counters["decisions_delayed"] += 1
+            self.carriers.ask(waiting, asker=waiter)
         if ip_packet is None:
             pass        # a headers-only request: its asker keeps the packet
+        elif retry and ip_packet in waiting.packets:
+            # The asker's retry of a request that came: the wait may outlast
+            # request_timeout_ms (docs/state-exchange.md, "The miss path").
+            self.counters["retried_packets_kept_already"] += 1
         elif len(waiting.packets) < MAX_UNDECIDED_PACKETS:
             waiting.packets.append(ip_packet)
         else:
@@ -423,20 +442,25 @@ class ClusterNode:
 
     def _decide_due(self, now: float) -> None:
         for kb, waiting in list(self.undecided.items()):
-            if now < waiting.due:
-                continue
-            del self.undecided[kb]
-            c = self._classify(waiting.key)
-            holders = self.holders(self._table_size(c.vip), c.bucket) if c else []
-            mine = self.name in holders
-            rec = self._decide_as_owner(waiting.key, waiting.flow_id, waiting.udp, holders,
-                                        record=mine) if c else None
-            if rec is not None and not mine:
-                # Ownership moved during the wait: the decision goes to the
-                # holders, as a former holder's does (_on_request).
-                for h in holders:
-                    self._queue(h, rec, MessageType.STATE_PUSH)
-            self._decided(waiting, rec)
+            if now >= waiting.due:
+                # A balancer asked has not replied (down, or off its CPU).
+                self.counters["carrier_decided_at_bound"] += bool(waiting.awaiting)
+                self._decide_waiting(kb)
+
+    def _decide_waiting(self, kb: bytes) -> None:
+        """Rule 4 for a flow whose wait is over."""
+        waiting = self.undecided.pop(kb)
+        c = self._classify(waiting.key)
+        holders = self.holders(self._table_size(c.vip), c.bucket) if c else []
+        mine = self.name in holders
+        rec = self._decide_as_owner(waiting.key, waiting.flow_id, waiting.udp, holders,
+                                    record=mine) if c else None
+        if rec is not None and not mine:
+            # Ownership moved during the wait: the decision goes to the
+            # holders, as a former holder's does (_on_request).
+            for h in holders:
+                self._queue(h, rec, MessageType.STATE_PUSH)
+        self._decided(waiting, rec)
 
     def _decided(self, waiting: Undecided, rec: StateRecord | None) -> None:
         """Forwards what waited, answers the peers that asked, caches the
@@ -497,7 +521,10 @@ class ClusterNode:
             self.peer_stats.count("replayed")
             return
         handler = {MessageType.STATE_REQUEST: self._on_request,
-                   MessageType.STATE_ANSWER: self._on_answer}.get(msg.type, self._on_records)
+                   MessageType.STATE_ANSWER: self._on_answer,
+                   MessageType.CARRIER_QUERY: self.carriers.on_query,
+                   MessageType.CARRIER_REPLY: self.carriers.on_reply}.get(msg.type,
+                                                                           self._on_records)
         try:
             result = handler(sender, msg)
         except (ValueError, PylbError) as exc:
@@ -565,7 +592,7 @@ class ClusterNode:
                                                      and self.config.decision_delay())):
             self._wait_for_state(key, c.flow_id, key.proto == UDP,
                                  None if msg.headers_only else msg.packet, waiter=sender,
-                                 closing=bool(inner.tcp_flags & FIN_RST))
+                                 closing=bool(inner.tcp_flags & FIN_RST), retry=msg.retry)
             if unasked is not None:
                 # Its other askers and this balancer's own packets wait too.
                 for waiter in unasked.waiters:
@@ -607,6 +634,15 @@ class ClusterNode:
                     self.counters["requests_answered"] += 1
             self._settle(unasked, rec, backend)
 
+    def carried(self, kb: bytes) -> StateRecord | None:
+        """What this balancer knows of a flow first hand or as a holder: its
+        store's record, else the backend its flow cache forwards it to."""
+        rec = self.store.get(kb)
+        if rec is None:
+            c = self._classify(kb)
+            rec = self._cached_state(kb, c) if c is not None else None
+        return rec
+
     def _forwarded_here(self, kb: bytes, c: Classification) -> StateRecord | None:
         """The flow's state from this balancer's own flow cache: a flow it
         forwards (it saw the SYN, or was told) has its backend known first
@@ -616,12 +652,16 @@ class ClusterNode:
         with that: rule 4 is for flows nobody has seen, and names the
         previous table's backend, wrong for a flow that started after the
         change (the lab's reset at steps d and e)."""
+        rec = self._cached_state(kb, c)
+        self.counters["answered_from_cache"] += rec is not None
+        return rec
+
+    def _cached_state(self, kb: bytes, c: Classification) -> StateRecord | None:
         hit = self.lb.cache.peek(kb, c.flow_id, now_ms())
         if hit is None or not 0 <= hit[0] < len(self.lb.dataplane.backends):
             return None
         known = self.exchanged.get(kb)
         version = known[1] if known else _version(seen_syn=True)
-        self.counters["answered_from_cache"] += 1
         return StateRecord(kb, self.lb.dataplane.backends[hit[0]].address, version, hit[1],
                            False)
 
@@ -765,21 +805,21 @@ class ClusterNode:
             self._announce_clean(now)
         if self._answers:
             self._flush_answers()
+        self.carriers.flush()
 
     def urgent(self) -> bool:
         """Whether the loop should come back soon rather than idle: an owner
         waits for a flow's state, or new flows' state waits for the next
         push (push_interval_ms), which an owner may be waiting for."""
-        return bool(self.undecided) or any(
+        return bool(self.undecided) or self.carriers.queued() or any(
             records for (_, kind), records in self._pushes.items()
             if kind == MessageType.STATE_PUSH)
 
     def _retry(self, now: float) -> None:
-        base = self.config.request_timeout_ms / 1000.0
         for kb, pend in list(self.pending.items()):
             # Back off per try: an answer may come through a new owner that
             # itself asks a former holder first.
-            if now - pend.sent_at < base * (1 << min(pend.tries - 1, 4)):
+            if now - pend.sent_at < self.config.retry_after_ms(pend.tries) / 1000.0:
                 continue
             if pend.tries > self.config.request_retries:
                 pend.targets.pop(0)
@@ -1000,12 +1040,13 @@ class ClusterNode:
         return self.members.get(target) or self._prev_members.get(target)
 
     def _send(self, target: str, kind: MessageType, records, packet_bytes: bytes | None = None,
-              headers_only: bool = False, lane_key: int = 0):
+              headers_only: bool = False, retry: bool = False, lane_key: int = 0):
         address = self._address(target)
         if address is None:
             raise PylbError(f"no address for balancer {target}")
         msg = peer.Message(kind, peer.balancer_id(self.name), self.view, self._next_seq(),
-                           tuple(records), packet_bytes, headers_only, lane_key, self.lb.lane)
+                           tuple(records), packet_bytes, headers_only=headers_only,
+                           lane_key=lane_key, sender_lane=self.lb.lane, retry=retry)
         self.lb.worker.send_peer(address, peer.encode(msg, self.key))
 
     def _answer(self, target: str, rec: StateRecord) -> None:
@@ -1015,24 +1056,29 @@ class ClusterNode:
 
     def _flush_answers(self) -> None:
         """An answer is best effort, as every datagram is (the asker retries,
-        then asks the backup): a peer whose MAC is not known yet, e.g. one
-        that has just joined, must not end this balancer (seen in the lab)."""
+        then asks the backup)."""
         answers, self._answers = self._answers, {}
         for target, records in answers.items():
-            address = self._address(target)
-            try:
-                if address is None:
-                    raise PylbError(f"no address for balancer {target}")
-                for lane_key, group in self._by_lane_key(records):
-                    for datagram in peer.encode_batches(
-                            MessageType.STATE_ANSWER, peer.balancer_id(self.name), self.view,
-                            self._next_seq, group, self._peer_mtu(), address.version, self.key,
-                            lane_key, self.lb.lane):
-                        self.lb.worker.send_peer(address, datagram)
-                        self.counters["sent_state_answer"] += 1
-            except Exception as exc:    # as _flush: one peer must not cost the others theirs
-                self.counters["send_failed"] += 1
-                log.debug("state answer not sent", target=target, error=str(exc))
+            self.send_batched(target, MessageType.STATE_ANSWER, records)
+
+    def send_batched(self, target: str, kind: MessageType, records: list) -> None:
+        """records to target in as few datagrams as fit, grouped by lane key,
+        best effort: a peer whose MAC is not known yet, e.g. one that has just
+        joined, must not end this balancer (seen in the lab), nor cost the
+        others theirs."""
+        address = self._address(target)
+        try:
+            if address is None:
+                raise PylbError(f"no address for balancer {target}")
+            for lane_key, group in self._by_lane_key(records):
+                for datagram in peer.encode_batches(
+                        kind, peer.balancer_id(self.name), self.view, self._next_seq, group,
+                        self._peer_mtu(), address.version, self.key, lane_key, self.lb.lane):
+                    self.lb.worker.send_peer(address, datagram)
+                    self.counters[f"sent_{kind.name.lower()}"] += 1
+        except Exception as exc:    # as _flush
+            self.counters["send_failed"] += 1
+            log.debug("peer datagram not sent", target=target, kind=kind.name, error=str(exc))
 
     # ------------------------------------------------------------ helpers
 

@@ -282,7 +282,14 @@ class Vip(Strict):
         return 6 if self.protocol == "tcp" else 17
 
 
-DEFAULT_DECISION_DELAY_MS = 20
+# The owner's longest wait for a flow's state (docs/state-exchange.md, "The
+# miss path"): it asks the other members who carries the flow and decides as
+# soon as they have replied, so the bound only matters for a member that does
+# not answer: one down, or kept off its CPU (the lab's reload pauses a
+# balancer's polling for about 150 ms).
+DEFAULT_DECISION_DELAY_MS = 200
+# Retries back off by doubling, up to this factor (ClusterNode._retry).
+MAX_BACKOFF = 16
 
 
 class Member(Strict):
@@ -307,20 +314,35 @@ class Cluster(Strict):
     handoff_period: float = Field(5.0, gt=0, le=600)
 
     @model_validator(mode="after")
-    def _delay_within_timeout(self):
-        # A request must be answered before the asker retries it, and the
-        # wait is only checked between polls.
+    def _delay_within_patience(self):
+        # The owner's answer must reach the asker before the asker gives up on
+        # it and asks the backup, which would decide apart. Its retries to the
+        # owner in the meantime are harmless (the owner keeps a retried packet
+        # once), and the wait is only checked between polls: hence half.
         if self.decision_delay_ms is not None and \
-                2 * self.decision_delay_ms > self.request_timeout_ms:
+                2 * self.decision_delay_ms > self.owner_patience_ms():
             raise ValueError(f"decision_delay_ms {self.decision_delay_ms} is more than half of "
-                             f"request_timeout_ms {self.request_timeout_ms}")
+                             f"{self.owner_patience_ms()} ms, how long an asker tries the owner "
+                             f"(request_timeout_ms {self.request_timeout_ms}, doubling, "
+                             f"request_retries {self.request_retries})")
         return self
 
+    def retry_after_ms(self, tries: int) -> int:
+        """How long an asker waits for an answer after its tries-th request to
+        one balancer before it sends the next: request_timeout_ms, doubling."""
+        return self.request_timeout_ms * min(1 << max(tries - 1, 0), MAX_BACKOFF)
+
+    def owner_patience_ms(self) -> int:
+        """How long an asker tries the owner (the first request and its
+        request_retries) before it asks the backup."""
+        return sum(self.retry_after_ms(t) for t in range(1, self.request_retries + 2))
+
     def decision_delay(self) -> int:
-        """decision_delay_ms, by default 20 ms but at most half the request timeout."""
+        """decision_delay_ms: the owner's longest wait for a flow's state
+        before rule 4; by default 200 ms but at most half the asker's patience."""
         if self.decision_delay_ms is not None:
             return self.decision_delay_ms
-        return min(DEFAULT_DECISION_DELAY_MS, self.request_timeout_ms // 2)
+        return min(DEFAULT_DECISION_DELAY_MS, self.owner_patience_ms() // 2)
 
     @model_validator(mode="after")
     def _unique(self):

@@ -21,6 +21,10 @@ OWNER_REQUESTS = {"sent": "requests_sent", "answered": "answers_cached", "timed_
                   "fallback": "fallback"}
 STATE_SENT = {"push": "sent_state_push", "handoff": "sent_handoff", "refresh": "sent_refresh",
               "remove": "sent_remove", "clean": "sent_clean"}
+CARRIER_QUERIES = {"sent": "carrier_queries_sent", "received": "carrier_queries_received"}
+CARRIER_REPLIES = {"state": "carrier_replied_state", "not_here": "carrier_replied_not_here"}
+CARRIER_DECISIONS = {"state": "carrier_state_adopted", "all_not_here": "carrier_decided_all_not_here",
+                     "bound": "carrier_decided_at_bound"}
 
 
 def _counter(name, doc, labels=(), rows=()):
@@ -167,6 +171,16 @@ class SnapshotCollector:
                        rows=[((), n.get("pushed_after_change", 0))])
         yield _counter("pylb_buckets_retired", "Stateful buckets this balancer retired.",
                        rows=[((), n.get("buckets_retired", 0))])
+        yield _counter("pylb_carrier_queries", "Questions who carries a flow, one per flow and "
+                       "balancer: sent as an owner without its state, received.", ["direction"],
+                       [((k,), n.get(v, 0)) for k, v in CARRIER_QUERIES.items()])
+        yield _counter("pylb_carrier_replies", "Replies this balancer sent to carrier queries, by "
+                       "answer.", ["answer"],
+                       [((k,), n.get(v, 0)) for k, v in CARRIER_REPLIES.items()])
+        yield _counter("pylb_carrier_decisions", "Flows this balancer decided after asking who "
+                       "carries them: by a reply's state, by rule 4 once all said not here, by "
+                       "rule 4 at the bound.", ["how"],
+                       [((k,), n.get(v, 0)) for k, v in CARRIER_DECISIONS.items()])
         yield _counter("pylb_peer_messages", "Peer messages received, by result.", ["result"],
                        [((k,), v) for k, v in sorted(c["peer"].items())])
         yield _gauge("pylb_state_entries", "Flow-state records held as owner or backup.",

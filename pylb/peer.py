@@ -33,6 +33,7 @@ HEADER_LEN = 48
 RECORD_LEN = 76
 REMOVE_LEN = 48
 CLEAN_LEN = 28
+QUERY_LEN = 40              # a CARRIER_QUERY record: the flow key
 MAC_LEN = 16
 # The seed of balancer ids and of the member hash. Fixed by the protocol: every
 # balancer must derive the same id from the same name.
@@ -48,7 +49,14 @@ FLAG_HEADERS_ONLY = 0x0002
 # whose flows they are (native/pylb.h, "Lanes"; docs/architecture.md).
 LANE_KEYS = 16
 LANE_KEY_SHIFT = 60
+# STATE_REQUEST only: the asker sent this request's packet to the receiver
+# before (a retry). A receiver that keeps the packet already, waiting for the
+# flow's state, does not keep it twice.
+FLAG_RETRY = 0x0004
 _RECORD_CLOSING = 0x01
+# CARRIER_REPLY records only: the replier does not carry the flow; backend,
+# version and idle are zero.
+_RECORD_NOT_CARRIED = 0x02
 _U32, _U64 = (1 << 32) - 1, (1 << 64) - 1
 _MAX_PAYLOAD = 0xFFFF       # payload_len is 16 bits
 _UDP_LEN = 8
@@ -73,11 +81,17 @@ class MessageType(enum.IntEnum):
     REFRESH = 5
     REMOVE = 6
     CLEAN = 7
+    CARRIER_QUERY = 8
+    CARRIER_REPLY = 9
 
 
 # The types encode_batches may split: the others carry one thing each.
 BATCH_TYPES = frozenset({MessageType.STATE_ANSWER, MessageType.STATE_PUSH, MessageType.HANDOFF,
-                         MessageType.REFRESH, MessageType.REMOVE, MessageType.CLEAN})
+                         MessageType.REFRESH, MessageType.REMOVE, MessageType.CLEAN,
+                         MessageType.CARRIER_QUERY, MessageType.CARRIER_REPLY})
+# The types whose message is an answer or a question about given flows: empty, it means nothing.
+_NON_EMPTY_TYPES = frozenset({MessageType.STATE_ANSWER, MessageType.CARRIER_QUERY,
+                              MessageType.CARRIER_REPLY})
 
 
 class PeerError(PylbError):
@@ -215,14 +229,38 @@ class CleanRecord:
         _check_range("bucket", self.bucket, self.table_size - 1)
 
 
-_RECORD_CLASS = {MessageType.REMOVE: RemoveRecord, MessageType.CLEAN: CleanRecord}
-_RECORD_LEN = {MessageType.REMOVE: REMOVE_LEN, MessageType.CLEAN: CLEAN_LEN}
+@dataclasses.dataclass(frozen=True, slots=True)
+class FlowQuery:
+    """An owner without a flow's state asks whether the receiver carries it."""
+
+    key: bytes
+
+    def __post_init__(self) -> None:
+        _check_key(self.key)
 
 
-def _record_class(type_: MessageType) -> type | None:
+@dataclasses.dataclass(frozen=True, slots=True)
+class NotCarried:
+    """The reply to a FlowQuery from a balancer that has no state for the flow
+    (the other reply is the StateRecord it has)."""
+
+    key: bytes
+
+    def __post_init__(self) -> None:
+        _check_key(self.key)
+
+
+_RECORD_CLASS = {MessageType.REMOVE: (RemoveRecord,), MessageType.CLEAN: (CleanRecord,),
+                 MessageType.CARRIER_QUERY: (FlowQuery,),
+                 MessageType.CARRIER_REPLY: (StateRecord, NotCarried)}
+_RECORD_LEN = {MessageType.REMOVE: REMOVE_LEN, MessageType.CLEAN: CLEAN_LEN,
+               MessageType.CARRIER_QUERY: QUERY_LEN}
+
+
+def _record_classes(type_: MessageType) -> tuple[type, ...]:
     if type_ == MessageType.STATE_REQUEST:
-        return None
-    return _RECORD_CLASS.get(type_, StateRecord)
+        return ()
+    return _RECORD_CLASS.get(type_, (StateRecord,))
 
 
 def _record_len(type_: MessageType) -> int:
@@ -254,6 +292,7 @@ class Message:
     headers_only: bool = False      # STATE_REQUEST only: packet is its headers (FLAG_HEADERS_ONLY)
     lane_key: int = 0               # the lane key of every flow it carries; 0 for CLEAN
     sender_lane: int = 0            # the sending worker process (its own seq counter)
+    retry: bool = False             # STATE_REQUEST only: sent to the receiver before (FLAG_RETRY)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "type", MessageType(self.type))
@@ -270,13 +309,14 @@ class Message:
             if len(self.packet) > _MAX_PAYLOAD:
                 raise ValueError(f"a packet of {len(self.packet)} bytes does not fit a message")
             return
-        if self.packet is not None or self.headers_only:
+        if self.packet is not None or self.headers_only or self.retry:
             raise ValueError(f"a {self.type.name} carries no packet")
-        cls = _record_class(self.type)
-        if not all(isinstance(r, cls) for r in self.records):
-            raise ValueError(f"a {self.type.name} carries {cls.__name__}s only")
-        if self.type == MessageType.STATE_ANSWER and not self.records:
-            raise ValueError("a STATE_ANSWER carries at least one record")
+        classes = _record_classes(self.type)
+        if not all(isinstance(r, classes) for r in self.records):
+            names = " and ".join(f"{c.__name__}s" for c in classes)
+            raise ValueError(f"a {self.type.name} carries {names} only")
+        if self.type in _NON_EMPTY_TYPES and not self.records:
+            raise ValueError(f"a {self.type.name} carries at least one record")
         if len(self.records) * _record_len(self.type) > _MAX_PAYLOAD:
             raise ValueError(f"{len(self.records)} records do not fit a message")
 
@@ -289,9 +329,19 @@ def _payload(msg: Message) -> bytes:
     if msg.type == MessageType.CLEAN:
         return b"".join(_CLEAN.pack(packed16(r.vip), r.proto, 0, r.port, r.table_size, r.bucket)
                         for r in msg.records)
-    return b"".join(_STATE.pack(r.key, packed16(r.backend), r.version, r.idle_ms,
-                                _RECORD_CLOSING if r.closing else 0, bytes(7))
-                    for r in msg.records)
+    if msg.type == MessageType.CARRIER_QUERY:
+        return b"".join(r.key for r in msg.records)
+    return b"".join(_state_bytes(r) for r in msg.records)
+
+
+_NOT_CARRIED_TAIL = _STATE.pack(bytes(40), bytes(16), 0, 0, _RECORD_NOT_CARRIED, bytes(7))[40:]
+
+
+def _state_bytes(r: StateRecord | NotCarried) -> bytes:
+    if isinstance(r, NotCarried):
+        return r.key + _NOT_CARRIED_TAIL
+    return _STATE.pack(r.key, packed16(r.backend), r.version, r.idle_ms,
+                       _RECORD_CLOSING if r.closing else 0, bytes(7))
 
 
 def _mac(key: bytes, signed: bytes) -> bytes:
@@ -302,7 +352,8 @@ def _mac(key: bytes, signed: bytes) -> bytes:
 def encode(msg: Message, key: bytes | None) -> bytes:
     """The UDP payload of msg; with a key it carries the HMAC trailer."""
     payload = _payload(msg)
-    flags = (FLAG_HMAC if key is not None else 0) | (FLAG_HEADERS_ONLY if msg.headers_only else 0)
+    flags = (FLAG_HMAC if key is not None else 0) | (FLAG_HEADERS_ONLY if msg.headers_only else 0) \
+        | (FLAG_RETRY if msg.retry else 0)
     header = _HEADER.pack(MAGIC, VERSION, msg.type, flags,
                           msg.sender, msg.view.member_gen, msg.view.member_hash,
                           msg.view.table_gen, msg.seq, len(msg.records), len(payload),
@@ -364,12 +415,12 @@ def decode(data: bytes, key: bytes | None) -> Message:
         type_ = MessageType(type_number)
     except ValueError:
         raise _malformed(f"type {type_number}") from None
-    if flags & ~(FLAG_HMAC | FLAG_HEADERS_ONLY) or any(reserved):
+    if flags & ~(FLAG_HMAC | FLAG_HEADERS_ONLY | FLAG_RETRY) or any(reserved):
         raise _malformed("unknown flags or non-zero reserved bytes")
     if lane >= LANE_KEYS or sender_lane >= LANE_KEYS:
         raise _malformed(f"lane key {lane}, sender lane {sender_lane}")
-    if flags & FLAG_HEADERS_ONLY and type_ != MessageType.STATE_REQUEST:
-        raise _malformed(f"a {type_.name} flagged headers-only")
+    if flags & (FLAG_HEADERS_ONLY | FLAG_RETRY) and type_ != MessageType.STATE_REQUEST:
+        raise _malformed(f"a {type_.name} flagged as a request")
     mac_len = MAC_LEN if flags & FLAG_HMAC else 0
     if len(data) != HEADER_LEN + payload_len + mac_len:
         raise _malformed(f"{len(data)} bytes for a payload of {payload_len}")
@@ -378,8 +429,8 @@ def decode(data: bytes, key: bytes | None) -> Message:
             raise _malformed("a STATE_REQUEST with records")
     elif payload_len != count * _record_len(type_):
         raise _malformed(f"{count} records in {payload_len} bytes")
-    elif type_ == MessageType.STATE_ANSWER and count < 1:
-        raise _malformed("a STATE_ANSWER without records")
+    elif type_ in _NON_EMPTY_TYPES and count < 1:
+        raise _malformed(f"a {type_.name} without records")
 
     # Authenticate before looking inside the payload: a forged message is
     # counted as such, and its content is never parsed.
@@ -397,7 +448,7 @@ def decode(data: bytes, key: bytes | None) -> Message:
             raise _malformed("a STATE_REQUEST without an IP packet")
         return Message(type_, sender, view, seq, (), payload,
                        headers_only=bool(flags & FLAG_HEADERS_ONLY), lane_key=lane,
-                       sender_lane=sender_lane)
+                       sender_lane=sender_lane, retry=bool(flags & FLAG_RETRY))
     try:
         records = tuple(_decode_records(type_, payload))
     except ValueError as err:
@@ -416,9 +467,20 @@ def _decode_records(type_: MessageType, payload: bytes):
                 raise ValueError("non-zero clean record padding")
             yield CleanRecord(address16(vip), proto, port, table_size, bucket)
         return
+    if type_ == MessageType.CARRIER_QUERY:
+        for start in range(0, len(payload), QUERY_LEN):
+            yield FlowQuery(payload[start:start + QUERY_LEN])
+        return
+    known = _RECORD_CLOSING | (_RECORD_NOT_CARRIED if type_ == MessageType.CARRIER_REPLY else 0)
     for key, backend, version, idle_ms, flags, pad in _STATE.iter_unpack(payload):
-        if flags & ~_RECORD_CLOSING or any(pad):
+        if flags & ~known or any(pad):
             raise ValueError("unknown record flags or non-zero record padding")
+        if flags & _RECORD_NOT_CARRIED:
+            # Nothing but the key: a reply that says both would be read two ways.
+            if any(backend) or version or idle_ms or flags & _RECORD_CLOSING:
+                raise ValueError("a not-carried reply with state")
+            yield NotCarried(key)
+            continue
         yield StateRecord(key, _backend_address(backend), version, idle_ms,
                           bool(flags & _RECORD_CLOSING))
 

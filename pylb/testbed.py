@@ -68,6 +68,7 @@ class Testbed:
         self.sent_by_flow: dict = defaultdict(int)
         self.lost_peer_frames = 0
         self.losses: set[tuple[str, int]] = set()      # (balancer, peer message type)
+        self.stalled: set[str] = set()      # alive, but not run: frames wait in their rings
         try:
             for name in self.names:
                 self.lbs[name] = Balancer(self.config(name))
@@ -147,6 +148,14 @@ class Testbed:
         self.lbs[name].close()
         del self.lbs[name]
 
+    def stall(self, name: str) -> None:
+        """The balancer stops running (kept off its CPU) until resume(): what
+        is sent to it waits in its port's ring, nothing is lost."""
+        self.stalled.add(name)
+
+    def resume(self, name: str) -> None:
+        self.stalled.discard(name)
+
     def set_router(self, names: list[str]) -> None:
         self.router = list(names)
 
@@ -186,12 +195,14 @@ class Testbed:
             n = port.inject(frames[done:])
             done += n
             if n == 0:
+                if lb in self.stalled:
+                    raise RuntimeError(f"{lb} is stalled and its ring is full")
                 self.step()
 
     def step(self) -> int:
         """Every live balancer runs once; what they sent is delivered."""
         moved = 0
-        for name in list(self.alive):
+        for name in list(self.alive - self.stalled):
             lb = self.lbs[name]
             lb.step(max_bursts=64, max_idle_us=0)
             for frame in lb.port.drain():
@@ -234,12 +245,15 @@ class Testbed:
         quiet, quiet_since = 0, None
         while time.monotonic() < deadline:
             moved = self.step()
-            waiting = any(self.lbs[n].cluster.pending for n in self.alive)
+            # An owner waiting for a flow's state still holds its packets.
+            waiting = any(self.lbs[n].cluster.pending or self.lbs[n].cluster.undecided
+                          for n in self.alive - self.stalled)
             if moved or waiting:
                 quiet, quiet_since = 0, None
             else:
                 quiet_since = quiet_since or time.monotonic()
-                if not any(self.lbs[n].lanes_busy(quiet_since) for n in self.alive):
+                if not any(self.lbs[n].lanes_busy(quiet_since)
+                           for n in self.alive - self.stalled):
                     quiet += 1
             if quiet >= 3:
                 return

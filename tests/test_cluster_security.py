@@ -25,11 +25,12 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from pylb import peer, testbed
+from pylb import peer, testbed, traffic
 from pylb.cluster import AUTHORITATIVE
 from pylb.flow_cache import now_ms
 from pylb.flow_id import FlowKey
-from pylb.peer import MAC_LEN, MessageType, RemoveRecord, ReplayWindow, StateRecord
+from pylb.peer import (MAC_LEN, FlowQuery, MessageType, NotCarried, RemoveRecord, ReplayWindow,
+                       StateRecord)
 
 pytestmark = pytest.mark.dpdk
 
@@ -90,13 +91,18 @@ class Cluster:
         return dataclasses.replace(self.held, backend=ipaddress.ip_address(other),
                                    version=self.held.version + 1, idle_ms=0)
 
-    def inject(self, payload: bytes, src: str) -> None:
+    def inject(self, payload: bytes, src: str, settle: bool = True) -> None:
+        """settle=False: a few rounds only, for an owner that must go on waiting."""
         port = self.target.config.cluster.peer_port
         frame = (Ether(dst=self.target.port.mac, src=testbed.GATEWAY_MAC)
                  / IP(src=src, dst=self.address(TARGET)) / UDP(sport=port, dport=port)
                  / Raw(payload))
         assert self.target.port.inject([bytes(frame)]) == 1
-        self.tb.settle()
+        if settle:
+            self.tb.settle()
+        else:
+            for _ in range(5):
+                self.tb.step()
 
     def peer_stats(self) -> dict[str, int]:
         return self.target.cluster.peer_stats.as_dict()
@@ -180,6 +186,34 @@ def stale(kind: MessageType, version: Callable[[StateRecord], int]) -> Callable:
     return from_lb2(build)
 
 
+def query(c: Cluster, **kw) -> bytes:
+    return c.message(MessageType.CARRIER_QUERY, (FlowQuery(UNKNOWN_FLOW.to_bytes()),), **kw)
+
+
+def not_here(c: Cluster, **kw) -> bytes:
+    return c.message(MessageType.CARRIER_REPLY, (NotCarried(UNKNOWN_FLOW.to_bytes()),), **kw)
+
+
+def emptied(datagram: bytes) -> bytes:
+    """datagram with its records taken out, count and payload length 0, MAC right."""
+    header = patched(datagram[:peer.HEADER_LEN], 32, bytes(4))
+    return resigned(header + bytes(MAC_LEN))
+
+
+def cut_in_the_key(datagram: bytes) -> bytes:
+    """A one-query datagram whose payload ends a byte early, MAC right."""
+    header = patched(datagram[:peer.HEADER_LEN], 34, (peer.QUERY_LEN - 1).to_bytes(2, "big"))
+    body = datagram[peer.HEADER_LEN:peer.HEADER_LEN + peer.QUERY_LEN - 1]
+    return resigned(header + body + bytes(MAC_LEN))
+
+
+def replayed_query(c: Cluster) -> list:
+    """A carrier query accepted (and answered) once comes again."""
+    original = query(c)
+    c.inject(original, c.address("lb2"))
+    return [(original, c.address("lb2"))]
+
+
 def garbage(c: Cluster) -> bytes:
     return random.Random(5).randbytes(120)
 
@@ -205,7 +239,7 @@ CASES = [
     Case("malformed: unknown protocol version",
          from_lb2(lambda c: patched(c.forged(), 4, b"\x02")), {"malformed": 1}),
     Case("malformed: unknown message type",
-         from_lb2(lambda c: patched(c.forged(), 5, b"\x09")), {"malformed": 1}),
+         from_lb2(lambda c: patched(c.forged(), 5, b"\x7f")), {"malformed": 1}),
     Case("malformed: unknown flag bits",
          from_lb2(lambda c: patched(c.forged(), 6, b"\x80\x01")), {"malformed": 1}),
     Case("malformed: non-zero reserved bytes",
@@ -238,6 +272,37 @@ CASES = [
          from_lb2(lambda c: c.message(MessageType.STATE_REQUEST,
                                       packet=request_packet(NO_VIP_FLOW))),
          {"malformed": 1}),
+    # The question who carries a flow, and its replies.
+    Case("malformed: a carrier query without records (MAC right)",
+         from_lb2(lambda c: emptied(query(c))), {"malformed": 1}),
+    Case("malformed: a carrier reply without records (MAC right)",
+         from_lb2(lambda c: emptied(not_here(c))), {"malformed": 1}),
+    Case("malformed: a carrier query whose key padding is not zero (MAC right)",
+         from_lb2(lambda c: resigned(patched(query(c), peer.HEADER_LEN + 37, b"\x01"))),
+         {"malformed": 1}),
+    Case("malformed: a carrier query cut inside a key (MAC right)",
+         from_lb2(lambda c: cut_in_the_key(query(c))),
+         {"malformed": 1}),
+    Case("malformed: 'not here' naming a backend (MAC right)",
+         from_lb2(lambda c: resigned(patched(not_here(c), peer.HEADER_LEN + 55, b"\x01"))),
+         {"malformed": 1}),
+    Case("malformed: 'not here' and closing (MAC right)",
+         from_lb2(lambda c: resigned(patched(not_here(c), peer.HEADER_LEN + 68, b"\x03"))),
+         {"malformed": 1}),
+    Case("malformed: a lane key past 16 (MAC right)",
+         from_lb2(lambda c: resigned(patched(c.forged(), 36, b"\x10"))), {"malformed": 1}),
+    Case("malformed: a sender lane past 16 (MAC right)",
+         from_lb2(lambda c: resigned(patched(c.forged(), 37, b"\x10"))), {"malformed": 1}),
+    Case("malformed: a carrier query flagged as a retried request",
+         from_lb2(lambda c: patched(query(c), 6, b"\x00\x05")), {"malformed": 1}),
+    Case("spoofed: a carrier query from an address that is no balancer",
+         lambda c: [(query(c), STRANGER)], {"spoofed": 1}),
+    Case("bad_mac: a carrier reply signed with another key",
+         from_lb2(lambda c: not_here(c, key=OTHER_KEY)), {"bad_mac": 1}),
+    Case("replayed: a copy of a carrier query", replayed_query, {"replayed": 1}),
+    Case("accepted: a carrier reply nobody waits for changes nothing",
+         from_lb2(lambda c: c.message(MessageType.CARRIER_REPLY, (c.tempting(),))),
+         {"accepted": 1}),
     # Rule 3: with a key, the HMAC is present and right.
     Case("bad_mac: signed with another key",
          from_lb2(lambda c: c.forged(key=OTHER_KEY)), {"bad_mac": 1}),
@@ -352,3 +417,80 @@ def test_an_answer_nobody_asked_for_changes_no_cache_entry(cluster):
     assert [cached_backend(lb, f) for f in flows] == cached
     assert cluster.stores() == stores
     assert_workers_sound(cluster.tb)
+
+
+def waiting_flow(c: Cluster) -> traffic.Flow:
+    """A flow nobody carries, of a moved bucket the target owns."""
+    lb = c.target
+    for sport in range(1, 1024):
+        flow = traffic.Flow("web", 6, str(UNKNOWN_FLOW.src), sport, testbed.VIP, 80)
+        cls = lb.dataplane.classify(flow.key())
+        if cls.moved and lb.cluster.holders(lb.cluster._table_size(cls.vip),
+                                            cls.bucket)[0] == TARGET:
+            return flow
+    raise AssertionError("no such flow: pick another client address")
+
+
+def test_only_a_genuine_carrier_reply_decides_a_waiting_flow(cluster):
+    """The target owns a flow it has no state for and waits for the members'
+    replies (theirs are lost on the way). Forged, foreign and replayed
+    replies naming another backend than rule 4's are dropped and counted,
+    and the flow goes on waiting; the genuine one decides it."""
+    tb, lb = cluster.tb, cluster.target
+    flow = waiting_flow(cluster)
+    kb = flow.key().to_bytes()
+    tb.lose(TARGET, MessageType.CARRIER_REPLY)
+    testbed.set_cluster(lb, decision_delay_ms=2000, request_timeout_ms=5000)
+    tb.set_router([TARGET])
+    tb.send_unsettled([flow], "PA")
+    for _ in range(5):
+        tb.step()
+    assert kb in lb.cluster.undecided
+    cls = lb.dataplane.classify(flow.key())
+    other = next(ref.address for ref in lb.dataplane.backends
+                 if ref.active and ref.address != cls.previous.address)
+    genuine = record(flow.key(), str(other), cluster.held.version)
+    reply = lambda rec, **kw: cluster.message(MessageType.CARRIER_REPLY, (rec,), **kw)  # noqa: E731
+    refused = [
+        (reply(genuine, key=OTHER_KEY), cluster.address("lb2"), {"bad_mac": 1}),
+        (reply(genuine), STRANGER, {"spoofed": 1}),
+        (reply(genuine, sender="lb3"), cluster.address("lb2"), {"spoofed": 1}),
+        (reply(record(flow.key(), FOREIGN_BACKEND, cluster.held.version)),
+         cluster.address("lb2"), {"accepted": 1, "bad_backend": 1}),
+    ]
+    for payload, src, counted in refused:
+        stats = cluster.peer_stats()
+        cluster.inject(payload, src, settle=False)
+        assert delta(stats, cluster.peer_stats()) == counted
+        assert kb in lb.cluster.undecided and lb.cluster.store.get(kb) is None
+
+    accepted = reply(genuine)
+    cluster.inject(accepted, cluster.address("lb2"), settle=False)
+    assert kb not in lb.cluster.undecided
+    assert lb.cluster.store.get(kb) == genuine
+    assert lb.cluster.counters["carrier_state_adopted"] == 1
+    tb.settle()
+    assert set(tb.received.by_flow[testbed._fkey(flow)]) == {str(other)}
+
+    stats = cluster.peer_stats()
+    cluster.inject(accepted, cluster.address("lb2"))
+    assert delta(stats, cluster.peer_stats()) == {"replayed": 1}
+    assert_workers_sound(tb)
+
+
+def test_a_record_of_another_workers_flow_changes_nothing(cluster):
+    """With several worker processes each keeps its own flows' state: a
+    record for a flow of another worker's lane (a peer that grouped records
+    wrongly) is refused and counted, never kept by the wrong one."""
+    target = cluster.target
+    rec = cluster.tempting()
+    flow_id = target.dataplane.flow_id(rec.key)
+    lanes = 2
+    target.lane_count, target.lane = lanes, (peer.lane_key(flow_id) + 1) % lanes
+    try:
+        stats, stores = cluster.peer_stats(), cluster.stores()
+        cluster.inject(cluster.message(MessageType.STATE_PUSH, (rec,)), cluster.address("lb2"))
+        assert delta(stats, cluster.peer_stats()) == {"accepted": 1, "wrong_lane": 1}
+        assert cluster.stores() == stores
+    finally:
+        target.lane_count, target.lane = 1, 0

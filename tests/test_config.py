@@ -118,15 +118,33 @@ def _with_cluster(**cluster) -> dict:
 
 
 @pytest.mark.parametrize("cluster, delay", [
-    ({}, 20),                                          # the default
-    ({"request_timeout_ms": 30}, 15),                  # at most half the timeout, unset
+    ({}, 175),                  # the default: half of 50 + 100 + 200 ms, under 200
+    # At most half of how long the asker tries the owner (30 + 60 + 120 ms), unset.
+    ({"request_timeout_ms": 30}, 105),
+    ({"request_timeout_ms": 30, "request_retries": 0}, 15),
     ({"request_timeout_ms": 30, "decision_delay_ms": 0}, 0),
+    # Valid before the owner asked who carries a flow: the limit only grew.
+    ({"request_timeout_ms": 50, "decision_delay_ms": 25}, 25),
 ])
-def test_an_owner_waits_for_state_at_most_half_the_request_timeout(cluster, delay):
+def test_an_owner_waits_for_state_at_most_half_the_askers_patience(cluster, delay):
     assert config.parse(_with_cluster(**cluster), "test.yaml").cluster.decision_delay() == delay
+
+
+@pytest.mark.parametrize("timeout, retries, backoff_ms", [
+    (50, 2, [50, 100, 200]),
+    (10, 6, [10, 20, 40, 80, 160, 160, 160]),      # doubling, at most 16 times
+])
+def test_the_retry_schedule(timeout, retries, backoff_ms):
+    c = config.parse(_with_cluster(request_timeout_ms=timeout, request_retries=retries),
+                     "test.yaml").cluster
+    assert [c.retry_after_ms(t) for t in range(1, retries + 2)] == backoff_ms
+    assert c.owner_patience_ms() == sum(backoff_ms)
 
 
 def test_a_decision_delay_the_asker_would_not_wait_for_is_refused():
     with pytest.raises(ConfigError) as err:
-        config.parse(_with_cluster(request_timeout_ms=30, decision_delay_ms=20), "test.yaml")
-    assert "decision_delay_ms 20 is more than half of request_timeout_ms 30" in str(err.value)
+        config.parse(_with_cluster(request_timeout_ms=30, request_retries=1,
+                                   decision_delay_ms=46), "test.yaml")
+    assert "decision_delay_ms 46 is more than half of 90 ms" in str(err.value)
+    config.parse(_with_cluster(request_timeout_ms=30, request_retries=1, decision_delay_ms=45),
+                 "test.yaml")

@@ -1,8 +1,10 @@
-"""An owner without state waits `cluster.decision_delay_ms` before rule 4
-(docs/state-exchange.md, "The miss path"). A flow that has just started at
-one balancer, in a bucket a backend change moved, may reach another
-balancer before the first one's batched push reaches the owner: deciding at
-once by the previous table would send it to the old backend and break it."""
+"""An owner without state waits before rule 4, at most
+`cluster.decision_delay_ms` (docs/state-exchange.md, "The miss path"). A
+flow that has just started at one balancer, in a bucket a backend change
+moved, may reach another balancer before the first one's batched push
+reaches the owner: deciding at once by the previous table would send it to
+the old backend and break it. Meanwhile the owner asks the others who
+carries the flow (tests/test_carrier_query.py); here the pushes alone."""
 from __future__ import annotations
 
 import time
@@ -10,6 +12,7 @@ import time
 import pytest
 
 from pylb import testbed
+from pylb.peer import MessageType
 
 pytestmark = pytest.mark.dpdk
 
@@ -28,13 +31,17 @@ def _heard(tb) -> int:
     # Long enough for a loaded machine: the push comes well within it.
     (1000, True, False),
     (0, True, True),
-    # The push never comes in time: rule 4 decides when the wait ends,
-    # and the packets kept meanwhile are forwarded, none lost.
+    # The push never comes in time, and no reply to the owners' questions
+    # either: rule 4 decides when the wait ends, and the packets kept
+    # meanwhile are forwarded, none lost.
     (200, False, True),
 ], ids=["owner-waits", "owner-decides-at-once", "wait-runs-out"])
 def test_a_flow_that_just_started_elsewhere_keeps_its_backend(eal, delay_ms, push_in_time,
                                                              breaks):
     with testbed.Testbed(["lb1", "lb2", "lb3"], BACKENDS[:4]) as tb:
+        for owner in ("lb2", "lb3"):
+            # lb1 would answer with the flows' state: only pushes count here.
+            tb.lose(owner, MessageType.CARRIER_REPLY)
         tb.set_backends(BACKENDS[1:])
         while any(lb.cluster._export_cursor is not None for lb in tb.lbs.values()):
             tb.step()     # the scans after the change end (they flush pushes as they go)
@@ -77,6 +84,8 @@ def test_a_flow_that_just_started_elsewhere_keeps_its_backend(eal, delay_ms, pus
         delayed = sum(c["decisions_delayed"] for c in owners)
         assert got_state == (len(flows) if push_in_time and delay_ms else 0)
         assert delayed == (len(flows) if delay_ms else 0)
+        at_bound = sum(c["carrier_decided_at_bound"] for c in owners)
+        assert at_bound == (len(flows) if not push_in_time else 0)
 
 
 def test_a_fin_kept_through_the_wait_marks_the_state_closing(eal):

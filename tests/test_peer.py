@@ -15,9 +15,10 @@ from scapy.layers.inet6 import IPv6
 from pylb import peer
 from pylb.errors import PylbError
 from pylb.flow_id import FlowKey, hash_bytes
-from pylb.peer import (CLEAN_LEN, HEADER_LEN, MAC_LEN, RECORD_LEN, REMOVE_LEN, CleanRecord,
-                       Message, MessageType, PeerError, RemoveRecord, ReplayWindow, StateRecord,
-                       View, decode, encode, encode_batches, make_version, view_of)
+from pylb.peer import (CLEAN_LEN, HEADER_LEN, MAC_LEN, QUERY_LEN, RECORD_LEN, REMOVE_LEN,
+                       CleanRecord, FlowQuery, Message, MessageType, NotCarried, PeerError,
+                       RemoveRecord, ReplayWindow, StateRecord, View, decode, encode,
+                       encode_batches, make_version, view_of)
 
 KEY = bytes(range(16))
 OTHER_KEY = bytes(range(1, 17))
@@ -54,7 +55,17 @@ def clean(i: int, v6: bool = False) -> CleanRecord:
     return CleanRecord(vip, (6, 17)[i % 2], (80, 0, 443)[i % 3], 65537, i % 65537)
 
 
-RECORD_LENS = {StateRecord: RECORD_LEN, RemoveRecord: REMOVE_LEN, CleanRecord: CLEAN_LEN}
+def query(i: int) -> FlowQuery:
+    return FlowQuery(state(i, v6=i % 2 == 0).key)
+
+
+def reply(i: int) -> StateRecord | NotCarried:
+    """Every third balancer carries the flow."""
+    return state(i, v6=i % 2 == 0) if i % 3 == 0 else NotCarried(state(i, v6=i % 2 == 0).key)
+
+
+RECORD_LENS = {StateRecord: RECORD_LEN, RemoveRecord: REMOVE_LEN, CleanRecord: CLEAN_LEN,
+               FlowQuery: QUERY_LEN, NotCarried: RECORD_LEN}
 
 
 MESSAGES = [
@@ -80,6 +91,17 @@ MESSAGES = [
     ("clean, both families", Message(MessageType.CLEAN, SENDER, VIEW, 9,
                                      (clean(1), clean(2, v6=True)))),
     ("clean, empty", Message(MessageType.CLEAN, SENDER, VIEW, 10, ())),
+    ("request, retried", Message(MessageType.STATE_REQUEST, SENDER, VIEW, 13, (), V4_PACKET,
+                                 retry=True)),
+    ("request, retried, headers only", Message(MessageType.STATE_REQUEST, SENDER, VIEW, 14, (),
+                                               V6_PACKET, headers_only=True, retry=True)),
+    ("carrier query", Message(MessageType.CARRIER_QUERY, SENDER, VIEW, 15, (query(1),))),
+    ("carrier queries, batched", Message(MessageType.CARRIER_QUERY, SENDER, VIEW, 16,
+                                         tuple(query(i) for i in range(35)))),
+    ("carrier reply, not here", Message(MessageType.CARRIER_REPLY, SENDER, VIEW, 17,
+                                        (reply(1),))),
+    ("carrier replies, state and not here", Message(MessageType.CARRIER_REPLY, SENDER, VIEW, 18,
+                                                    tuple(reply(i) for i in range(18)))),
 ]
 MESSAGE_IDS = [description for description, _ in MESSAGES]
 
@@ -123,6 +145,18 @@ CLEAN_HEX = (
     # VIP 2001:db8::10, UDP, pad, all ports, table size 251, bucket 250
     " 20010db8000000000000000000000010 11 00 0000 000000fb 000000fa"
 )
+CARRIER_QUERY_HEX = (
+    "504c4250 01 08 0000 01020304 00000005 aabbccdd 00000007 0000000000000105 0001 0028"
+    " 000000000000000000000000"
+    " 00000000000000000000ffffc6336407 00000000000000000000ffffc000020a 409c 5000 06 000000"
+)
+NOT_HERE_HEX = (
+    "504c4250 01 09 0000 01020304 00000005 aabbccdd 00000007 0000000000000106 0001 004c"
+    " 000000000000000000000000"
+    " 00000000000000000000ffffc6336407 00000000000000000000ffffc000020a 409c 5000 06 000000"
+    " 00000000000000000000000000000000"        # no backend
+    " 0000000000000000 00000000 02 00000000000000"  # no version, no idle, not carried, pad
+)
 # HMAC-SHA256(bytes(range(16)), header + payload)[:16], computed with the
 # standard library's hmac alone.
 REMOVE_MAC_HEX = "776b20bc5f870f0719c77859016a9b02"
@@ -132,6 +166,8 @@ PUSH = Message(MessageType.STATE_PUSH, SENDER, VIEW, 0x102, (
                 True),))
 REMOVE = Message(MessageType.REMOVE, SENDER, VIEW, 0x103,
                  (RemoveRecord(V6_KEY, make_version(0x0123456789AB, 4)),))
+CARRIER_QUERY = Message(MessageType.CARRIER_QUERY, SENDER, VIEW, 0x105, (FlowQuery(V4_KEY),))
+NOT_HERE = Message(MessageType.CARRIER_REPLY, SENDER, VIEW, 0x106, (NotCarried(V4_KEY),))
 CLEAN = Message(MessageType.CLEAN, SENDER, VIEW, 0x104,
                 (CleanRecord(ipaddress.ip_address("192.0.2.10"), 6, 80, 65537, 0x1234),
                  CleanRecord(ipaddress.ip_address("2001:db8::10"), 17, 0, 251, 250)))
@@ -141,6 +177,8 @@ WIRE_VECTORS = [
     ("remove, one record", REMOVE, None, REMOVE_HEX.format(flags="0000")),
     ("remove, keyed", REMOVE, KEY, REMOVE_HEX.format(flags="0001") + REMOVE_MAC_HEX),
     ("clean, two records", CLEAN, None, CLEAN_HEX),
+    ("carrier query, one flow", CARRIER_QUERY, None, CARRIER_QUERY_HEX),
+    ("carrier reply, not here", NOT_HERE, None, NOT_HERE_HEX),
 ]
 
 
@@ -174,6 +212,7 @@ def header(type_=3, count=1, payload_len=RECORD_LEN, magic=peer.MAGIC, version=1
 RECORD = encode(PUSH, None)[HEADER_LEN:]
 REMOVAL = encode(REMOVE, None)[HEADER_LEN:]
 CLEANING = encode(CLEAN, None)[HEADER_LEN:HEADER_LEN + CLEAN_LEN]    # the IPv4 VIP's record
+NOT_HERE_RECORD = encode(NOT_HERE, None)[HEADER_LEN:]
 
 
 def clean_header(count: int = 1) -> bytes:
@@ -191,9 +230,26 @@ MALFORMED = [
     ("version 2", header(version=2) + RECORD),
     ("version 0", header(version=0) + RECORD),
     ("type 0", header(type_=0) + RECORD),
-    ("type 8", header(type_=8) + RECORD),
-    ("unknown flag", header(flags=0x0004) + RECORD),
+    ("type 10", header(type_=10) + RECORD),
+    ("unknown flag", header(flags=0x0008) + RECORD),
     ("headers-only flag on a push", header(flags=0x0002) + RECORD),
+    ("retry flag on a push", header(flags=0x0004) + RECORD),
+    ("retry flag on a carrier query", header(type_=8, flags=0x0004, payload_len=QUERY_LEN)
+     + V4_KEY),
+    ("carrier query without records", header(type_=8, count=0, payload_len=0)),
+    ("carrier reply without records", header(type_=9, count=0, payload_len=0)),
+    ("carrier query, payload not whole keys", header(type_=8, payload_len=QUERY_LEN + 1)
+     + V4_KEY + b"\0"),
+    ("carrier query, key padding", header(type_=8, payload_len=QUERY_LEN)
+     + patched(V4_KEY, 39, b"\x01")),
+    ("state records in a carrier query", header(type_=8, count=2, payload_len=2 * QUERY_LEN)
+     + RECORD[:2 * QUERY_LEN]),
+    ("not here with a backend", header(type_=9) + patched(NOT_HERE_RECORD, 55, b"\x01")),
+    ("not here with a version", header(type_=9) + patched(NOT_HERE_RECORD, 63, b"\x01")),
+    ("not here with an idle time", header(type_=9) + patched(NOT_HERE_RECORD, 67, b"\x01")),
+    ("not here and closing", header(type_=9) + patched(NOT_HERE_RECORD, 68, b"\x03")),
+    ("reply record flag bit 2", header(type_=9) + patched(RECORD, 68, b"\x04")),
+    ("not here in an answer", header(type_=2) + NOT_HERE_RECORD),
     ("reserved byte set", header(reserved=b"\0" * 11 + b"\1") + RECORD),
     ("payload_len too small", header(payload_len=RECORD_LEN - 1) + RECORD),
     ("payload_len too big", header(payload_len=RECORD_LEN + 1) + RECORD),
@@ -263,8 +319,8 @@ def test_bad_mac(data, key):
 STRUCTURAL = set(range(0, 8)) | set(range(32, HEADER_LEN))
 
 
-@pytest.mark.parametrize("msg", [PUSH, MESSAGES[0][1], REMOVE, CLEAN],
-                         ids=["push", "request", "remove", "clean"])
+@pytest.mark.parametrize("msg", [PUSH, MESSAGES[0][1], REMOVE, CLEAN, CARRIER_QUERY, NOT_HERE],
+                         ids=["push", "request", "remove", "clean", "carrier query", "not here"])
 def test_every_bit_flip_in_a_keyed_message_is_refused(msg):
     data = encode(msg, KEY)
     for bit in range(len(data) * 8):
@@ -290,7 +346,7 @@ def test_arbitrary_bytes_decode_or_raise_peer_error(data, key):
 
 
 @settings(max_examples=500)
-@given(st.integers(0, 8), st.integers(0, 3), st.integers(0, 4), st.integers(0, 2 * RECORD_LEN + 2),
+@given(st.integers(0, 10), st.integers(0, 7), st.integers(0, 4), st.integers(0, 2 * RECORD_LEN + 2),
        st.binary(max_size=2 * RECORD_LEN + 2), st.sampled_from(KEYS))
 def test_plausible_headers_decode_or_raise_peer_error(type_, flags, count, payload_len, payload,
                                                       key):
@@ -324,7 +380,9 @@ IP_OVERHEAD = {4: 20 + 8, 6: 40 + 8}
     (MessageType.STATE_PUSH, [state(i, v6=i % 3 == 0) for i in range(1000)]),
     (MessageType.REMOVE, [remove(i) for i in range(1000)]),
     (MessageType.CLEAN, [clean(i, v6=i % 2 == 0) for i in range(1000)]),
-], ids=["push", "remove", "clean"])
+    (MessageType.CARRIER_QUERY, [query(i) for i in range(1000)]),
+    (MessageType.CARRIER_REPLY, [reply(i) for i in range(1000)]),
+], ids=["push", "remove", "clean", "query", "reply"])
 def test_batches_fit_the_mtu_and_lose_nothing(type_, records, mtu, ip_version, key):
     seqs = itertools.count(100)
     batches = encode_batches(type_, SENDER, VIEW, lambda: next(seqs), records, mtu, ip_version, key)
@@ -346,6 +404,8 @@ def test_batches_fit_the_mtu_and_lose_nothing(type_, records, mtu, ip_version, k
     (MessageType.REMOVE, 4, True, 29), (MessageType.REMOVE, 6, True, 28),
     (MessageType.CLEAN, 4, False, 50), (MessageType.CLEAN, 4, True, 50),
     (MessageType.CLEAN, 6, False, 50), (MessageType.CLEAN, 6, True, 49),
+    (MessageType.CARRIER_QUERY, 4, True, 35), (MessageType.CARRIER_QUERY, 6, True, 34),
+    (MessageType.CARRIER_REPLY, 4, True, 18), (MessageType.CARRIER_REPLY, 6, True, 18),
 ])
 def test_records_per_message_at_1500(type_, ip_version, keyed, expected):
     assert peer.records_per_message(type_, 1500, ip_version, keyed) == expected
@@ -391,7 +451,18 @@ INVALID = [
     ("push with a packet", lambda: Message(MessageType.STATE_PUSH, SENDER, VIEW, 1, (), V4_PACKET)),
     ("payload over 65535 bytes",
      lambda: Message(MessageType.STATE_PUSH, SENDER, VIEW, 1, (state(1),) * 863)),
-    ("unknown type", lambda: Message(8, SENDER, VIEW, 1, ())),
+    ("unknown type", lambda: Message(10, SENDER, VIEW, 1, ())),
+    ("retry on a push", lambda: Message(MessageType.STATE_PUSH, SENDER, VIEW, 1, (), retry=True)),
+    ("carrier query without a flow", lambda: Message(MessageType.CARRIER_QUERY, SENDER, VIEW, 1)),
+    ("carrier reply without a flow", lambda: Message(MessageType.CARRIER_REPLY, SENDER, VIEW, 1)),
+    ("carrier query of states",
+     lambda: Message(MessageType.CARRIER_QUERY, SENDER, VIEW, 1, (state(1),))),
+    ("carrier reply of queries",
+     lambda: Message(MessageType.CARRIER_REPLY, SENDER, VIEW, 1, (query(1),))),
+    ("not here in a push",
+     lambda: Message(MessageType.STATE_PUSH, SENDER, VIEW, 1, (NotCarried(V4_KEY),))),
+    ("query, short key", lambda: FlowQuery(V4_KEY[:39])),
+    ("not here, key padding", lambda: NotCarried(V4_KEY[:39] + b"\1")),
     ("sender over 32 bits", lambda: Message(MessageType.STATE_PUSH, 2**32, VIEW, 1, ())),
     ("negative seq", lambda: Message(MessageType.STATE_PUSH, SENDER, VIEW, -1, ())),
     ("view field over 32 bits", lambda: View(2**32, 0, 0)),
