@@ -31,9 +31,15 @@ void worker_count_drop(struct pylb_worker *w, uint64_t *reason, struct rte_mbuf 
     rte_pktmbuf_free(m);
 }
 
-/* Frames for neither a VIP nor the balancer: to the kernel's TAP, or dropped. */
+/* Frames for neither a VIP nor the balancer: to the kernel's TAP, or dropped.
+ * Only lane 0 has the TAP: the others hand it what the TAP would take. */
 void worker_to_exception(struct pylb_worker *w, struct rte_mbuf *m, uint64_t *drop_reason)
 {
+    if (PYLB_UNLIKELY(w->lane != 0) && !w->from_lane &&
+        w->dp->exception_policy == PYLB_EXC_TAP) {
+        lane_pass_frame(w, m, 0);
+        return;
+    }
     if (w->exc_port != NULL && rte_eth_tx_burst(w->exc_port->port_id, 0, &m, 1) == 1) {
         w->st.exception_tap++;
         return;

@@ -85,7 +85,7 @@ def test_both_workers_carry_traffic_and_split_the_miss_path(lanes):
         assert w["rx"] > 500 and w["fwd_cache_hit"] > 300
         assert w["held"] > 50 and w["lane_in"] > 20 and w["lane_out"] > 20
         assert w["notices"] > 50 and w["notices_lane_in"] > 20
-        assert w["drop_total"] == 0 and w["drop_lane_full"] == 0
+        assert w["drop_total"] == w["drop_no_vip"] and w["drop_lane_full"] == 0
     # What one handed over, the other took.
     assert w0["lane_out"] == w1["lane_in"] and w1["lane_out"] == w0["lane_in"]
     assert w0["notices_lane_out"] == w1["notices_lane_in"]
@@ -94,6 +94,9 @@ def test_both_workers_carry_traffic_and_split_the_miss_path(lanes):
     assert lanes["clusters"][0]["counters"]["requests_sent"] > 10
     assert lanes["peer0"]["wrong_lane"] == 0 and lanes["clusters"][0]["peer"]["wrong_lane"] == 0
     assert lanes["peer0"]["replayed"] == 0 and lanes["clusters"][0]["peer"]["replayed"] == 0
+    # Traffic for no VIP goes to worker 0, whichever queue it came to.
+    assert w0["drop_no_vip"] == lanes["stray"] and w1["drop_no_vip"] == 0
+    assert w1["rx"] + w0["rx"] >= lanes["stray"]
     # Summed over the workers, every frame has one outcome.
     assert lanes["equations"] == []
     ids = [w["id"] for w in lanes["snapshot_workers"]]

@@ -15,11 +15,12 @@ import signal
 import sys
 import time
 
-from pylb import logs, scenarios, testbed
+from pylb import logs, scenarios, testbed, traffic
 from pylb.eal import Eal, eal_args
 from pylb.errors import PylbError
 
 WORKERS = {"lb1": 2}
+STRAY = 50
 
 
 def run_scenarios(n_flows: int) -> dict:
@@ -56,9 +57,15 @@ def run_lanes(n_flows: int) -> dict:
         tb.send(new, "S")          # new flows in moved buckets: notices, pushes
         tb.send(new, "PA")
         tb.send(flows, "FA")
+        # Traffic for no VIP, spread over both queues: worker 0's to decide.
+        stray = [traffic.Flow("none", 6, "198.51.100.7", 1000 + i, "192.0.2.99", 80)
+                 for i in range(STRAY)]
+        for f in stray:
+            tb._inject("lb1", f.frames(tb.lbs["lb1"].port.mac, testbed.CLIENT_MAC, ["S"]))
+        tb.settle()
         lb = tb.lbs["lb1"]
         reports = lane_reports(lb)
-        return {"broken": tb.broken(flows) + tb.broken(new),
+        return {"stray": STRAY, "broken": tb.broken(flows) + tb.broken(new),
                 "lost": tb.lost(flows) + tb.lost(new),
                 "worker0": dataclasses.asdict(lb.worker.stats()),
                 "workers": [r["stats"] for r in reports],

@@ -92,7 +92,9 @@ struct dp_spec {
 struct pylb_dataplane *bench_dataplane(const struct dp_spec *s);
 
 /* Opens lane i's ring port and worker on `cache`. */
-void lane_open(struct lane *l, unsigned id, struct pylb_flow_cache *cache);
+/* Lane id of `workers` (> 1: as a balancer's workers, on BENCH_LANES' rings). */
+void lane_open(struct lane *l, unsigned id, unsigned workers, struct pylb_flow_cache *cache);
+#define BENCH_LANES "rate"
 void lane_close(struct lane *l);
 void lane_flows(struct lane *l, uint64_t first, uint64_t stride, uint64_t n, uint8_t tcp_flags);
 

@@ -188,8 +188,10 @@ static void open_lanes(struct plan *p, const struct opts *o, struct pylb_flow_ca
     p->n_lanes = n;
     p->slices = o->slices;
     p->slice_s = o->slice_ms / 1e3;
+    if (n > 1 && pylb_lanes_create(BENCH_LANES, (uint16_t)n, 4096) != PYLB_OK)
+        bench_die("lanes");
     for (uint32_t i = 0; i < n; i++) {
-        lane_open(&lanes[i], i, cache);
+        lane_open(&lanes[i], i, n, cache);
         lane_flows(&lanes[i], i, n, o->flows / n, tcp_flags);
         p->lanes[i] = &lanes[i];
     }
@@ -200,6 +202,8 @@ static void close_lanes(struct plan *p)
     plan_quit(p);
     for (uint32_t i = 0; i < p->n_lanes; i++)
         lane_close(p->lanes[i]);
+    if (p->n_lanes > 1)
+        pylb_lanes_free(BENCH_LANES, (uint16_t)p->n_lanes);
 }
 
 /* Every flow once through the worker, so the cache holds them all. */

@@ -183,7 +183,7 @@ struct pylb_dataplane *bench_dataplane(const struct dp_spec *s)
     return dp;
 }
 
-void lane_open(struct lane *l, unsigned id, struct pylb_flow_cache *cache)
+void lane_open(struct lane *l, unsigned id, unsigned workers, struct pylb_flow_cache *cache)
 {
     char device[32];
     memset(l, 0, sizeof(*l));
@@ -199,8 +199,12 @@ void lane_open(struct lane *l, unsigned id, struct pylb_flow_cache *cache)
     if (pylb_neigh_create(64, &l->neigh) != PYLB_OK || pylb_neigh_set_static(l->neigh, &gw, gw_mac))
         bench_die("neighbours");
     /* No idle sleep: a lane never waits for traffic, it makes its own. */
+    /* Several workers run as a balancer's would: each its lane, the lanes'
+     * rings looked at on every loop (pylb_lanes_create made them). */
     struct pylb_worker_conf wc = {.port = l->port, .cache = cache, .neigh = l->neigh,
-                                  .max_held = 4096};
+                                  .max_held = 4096, .lane = (uint16_t)id,
+                                  .lanes = (uint16_t)workers,
+                                  .lanes_name = workers > 1 ? BENCH_LANES : NULL};
     if (pylb_worker_create(&wc, &l->worker) != PYLB_OK)
         bench_die("worker");
     if (rte_pktmbuf_alloc_bulk(l->port->pool, l->pool, IN_FLIGHT) != 0)

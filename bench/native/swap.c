@@ -174,7 +174,7 @@ int run_swap(const struct swap_opts *o)
     free(scratch);
 
     static struct lane lane;
-    lane_open(&lane, 0, cache);
+    lane_open(&lane, 0, 1, cache);
     lane_flows(&lane, 0, 1, o->flows, TCP_ACK);
     lane.answer_holds = 1;
     lane_set_dp(&lane, first);
