@@ -251,7 +251,8 @@ class Balancer:
                   "backlog": self.worker.backlog(),
                   "punts": dict(self.verdicts_by_reason),
                   "backend_counts": self.worker.backend_counts(),
-                  "generation": self.generation, "busy_ratio": self._busy_ratio()}
+                  "generation": self.generation, "busy_ratio": self._busy_ratio(),
+                  "stateful_buckets": self.stateful_buckets()}
         if c is not None:
             report["cluster"] = {"counters": dict(c.counters),
                                  "peer": dataclasses.asdict(c.peer_stats),
@@ -773,6 +774,10 @@ class Balancer:
             for vip, buckets in divergent.items():
                 held[vip].update(buckets)
         return {vip: [b for b in buckets if b not in held[vip]] for vip, buckets in due.items()}
+
+    def stateful_buckets(self) -> int:
+        """Buckets of every VIP still stateful (moved, not retired)."""
+        return sum(len(h.stateful) for h in self.dataplane.history.values())
 
     def retire_after(self) -> float:
         c = self.config.cluster

@@ -104,6 +104,15 @@ def test_both_workers_carry_traffic_and_split_the_miss_path(lanes):
 
 
 @pytest.mark.dpdk
+def test_retirement_asks_every_worker_and_every_worker_follows():
+    r = run_support("retire", "1000", prefix="pylb-tw-retire")
+    assert r["retired"] > 0 and r["after"] < r["before"], r
+    # The other worker runs the same tables: same generation, same stateful buckets.
+    assert r["workers_after"] == [r["after"]] and r["workers_generation"] == [r["generation"]]
+    assert (r["broken"], r["lost"]) == (0, 0), r
+
+
+@pytest.mark.dpdk
 def test_a_worker_that_dies_stops_the_balancer():
     r = run_support("kill", prefix="pylb-tw-kill", timeout=120)
     assert r["stopped"] is not None and "worker 1" in r["stopped"], r

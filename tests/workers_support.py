@@ -76,6 +76,37 @@ def run_lanes(n_flows: int) -> dict:
                 "snapshot_workers": lb.snapshot()["workers"]}
 
 
+def run_retire(n_flows: int) -> dict:
+    """A backend change under established flows, then retirement: worker 0
+    asks its workers which buckets still hold old flows, retires the others,
+    and every worker follows with the same tables."""
+    flows = testbed.flows(n_flows, 9)
+    with testbed.Testbed(["lb1", "lb2", "lb3"], scenarios.BACKENDS[:4], workers=WORKERS) as tb:
+        tb.send(flows, "S")
+        tb.send(flows, "PA")
+        tb.set_backends(["b-2", "b-3", "b-4", "b-5"])
+        tb.send(flows, "PA")
+        lb = tb.lbs["lb1"]
+        before = lb.stateful_buckets()
+        retired, deadline = 0, time.monotonic() + 20
+        while time.monotonic() < deadline:
+            for name in tb.alive:       # CLEANs go out once a second
+                n = tb.lbs[name].retire_previous()
+                retired += n if name == "lb1" else 0
+            tb.step()
+            if retired and lb.stateful_buckets() < before and not lb.lanes_busy(time.monotonic()):
+                break
+            time.sleep(0.01)
+        tb.set_router(["lb1"])
+        tb.send(flows, "PA")
+        tb.send(flows, "FA")
+        reports = lane_reports(lb)
+        return {"before": before, "after": lb.stateful_buckets(), "retired": retired,
+                "workers_after": [r["stateful_buckets"] for r in reports],
+                "generation": lb.generation, "workers_generation": [r["generation"] for r in reports],
+                "broken": tb.broken(flows), "lost": tb.lost(flows)}
+
+
 def run_kill() -> dict:
     """A worker process dies: worker 0's loop stops with the reason."""
     with testbed.Testbed(["lb1"], scenarios.BACKENDS[:2], workers=WORKERS) as tb:
@@ -101,6 +132,8 @@ def main() -> None:
             result = run_scenarios(int(sys.argv[2]))
         elif what == "lanes":
             result = run_lanes(int(sys.argv[2]))
+        elif what == "retire":
+            result = run_retire(int(sys.argv[2]))
         else:
             result = run_kill()
     print(json.dumps(result))
