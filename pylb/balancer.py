@@ -940,6 +940,12 @@ def _worker_cores(config: Config, eal) -> list[int]:
 
 
 _roles_made = 0
+# Ports that other processes of the balancer cannot drive (checked here):
+SINGLE_PROCESS_PMDS = {
+    "net_af_packet": "the af_packet PMD's sockets live in the process that opened them",
+    "net_pcap": "the pcap PMD's capture files are written by the process that opened "
+                "them: another worker's output would be lost",
+}
 
 
 def _lane_role(config: Config, eal) -> "lanes_mod.LaneRole | None":
@@ -954,10 +960,10 @@ def _lane_role(config: Config, eal) -> "lanes_mod.LaneRole | None":
         raise ConfigError(f"balancer.workers: {b.workers} worker processes share the EAL's "
                           "hugepage files, but this process started the EAL for one: let "
                           "the balancer start it (docs/architecture.md, process model)")
-    if not b.data.device.startswith("ring:") and "af_packet" in b.data.device:
-        raise ConfigError("balancer.workers: the af_packet PMD's sockets cannot be shared "
-                          "between processes; run one worker per balancer on af_packet "
-                          "(docs/architecture.md, process model)")
+    for pmd, why in SINGLE_PROCESS_PMDS.items():
+        if b.data.device.startswith(pmd):
+            raise ConfigError(f"balancer.workers: {why}; run one worker per balancer on "
+                              f"{pmd} (docs/architecture.md, process model)")
     # Short names: DPDK's rings and memzones allow about 30 characters.
     _roles_made += 1
     return lanes_mod.LaneRole(0, b.workers, f"l{os.getpid()}_{_roles_made}",

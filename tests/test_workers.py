@@ -135,11 +135,13 @@ def test_more_workers_than_cores_is_refused():
         _lane_role(config(workers=3, dpdk={"cores": [0, 1]}), None)
 
 
-def test_af_packet_cannot_have_several_workers():
+@pytest.mark.parametrize("device,why", [("net_af_packet0,iface=veth0", "af_packet"),
+                                        ("net_pcap0,rx_pcap=a,tx_pcap=b", "pcap")])
+def test_ports_of_one_process_cannot_have_several_workers(device, why):
     c = config(workers=2, dpdk={"cores": [0, 1]})
     c = c.model_copy(update={"balancer": c.balancer.model_copy(update={
-        "data": c.balancer.data.model_copy(update={"device": "net_af_packet0,iface=veth0"})})})
-    with pytest.raises(ConfigError, match="af_packet"):
+        "data": c.balancer.data.model_copy(update={"device": device})})})
+    with pytest.raises(ConfigError, match=why):
         _lane_role(c, None)
 
 
