@@ -214,6 +214,32 @@ class Balancer:
         if self.lanes is not None:
             self.lanes.stop()
 
+    def stop_workers(self) -> None:
+        """Stops workers 1.. (they send their last counters), then takes what
+        they handed to this one: the counts are final (the exit summary)."""
+        if self.lanes is not None and self.lanes.procs:
+            self.lanes.stop()
+            self.step(max_bursts=64, max_idle_us=1_000)
+
+    def punts(self) -> dict[str, int]:
+        """Punts by reason, every worker's (as last reported)."""
+        total = collections.Counter(self.verdicts_by_reason)
+        if self.lanes is not None:
+            for report in self.lanes.reports.values():
+                total.update(report["punts"])
+        return dict(total)
+
+    def per_worker(self) -> list[tuple[int, int | None, Stats]]:
+        """(worker, core, counters) of each worker (as last reported)."""
+        core = (self.config.balancer.dpdk.cores or [None])[0]
+        out = [(0, self.role.core if self.role else core, self.worker.stats())]
+        if self.lanes is not None:
+            for role in self.lanes.roles:
+                report = self.lanes.reports.get(role.index)
+                if report is not None:
+                    out.append((role.index, role.core, Stats(**report["stats"])))
+        return out
+
     def _to_lanes(self, op: tuple) -> None:
         """Worker 0 tells the others what changed its tables, in order."""
         # None while worker 0 starts: the others replay its start themselves.
@@ -617,7 +643,7 @@ class Balancer:
             "vips": vips, "backends": backends,
             "workers": self._workers(busy),
             "stats": dataclasses.asdict(stats), "drops": stats.drops(),
-            "punts": dict(self.verdicts_by_reason),
+            "punts": self.punts(),
             # From the cache's counters, not a scan of it (docs/flow-cache.md).
             "active_flows": active.total,
             "cluster": None,

@@ -23,8 +23,9 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 
 def summary(stats: Stats, backend_counts, punts: dict[str, int] | None = None,
-            port=None) -> str:
-    """Per-VIP and per-backend counts, outcomes and drops by reason."""
+            port=None, workers=None) -> str:
+    """Per-VIP and per-backend counts, outcomes and drops by reason; with
+    several worker processes, what each received and handed to another."""
     per_vip = defaultdict(lambda: [0, 0])
     for c in backend_counts:
         per_vip[c.vip][0] += c.packets
@@ -55,6 +56,12 @@ def summary(stats: Stats, backend_counts, punts: dict[str, int] | None = None,
     drops = stats.drops()
     out += ["", "Drops by reason", table(["reason", "packets"], [[k, v] for k, v in drops.items()])
             if drops else "(none)"]
+    if workers:
+        out += ["", "Workers", table(
+            ["worker", "core", "received", "from other workers", "to other workers",
+             "forwarded", "dropped"],
+            [[w, core if core is not None else "-", s.rx, s.lane_in, s.lane_out, s.forwarded,
+              s.drop_total] for w, core, s in workers])]
     if punts:
         out += ["", "Handed to Python", table(["reason", "count"], [[k, v] for k, v in punts.items()])]
     if port is not None:

@@ -76,5 +76,6 @@ def serve(cfg: Config, config_file: str, duration: float | None, echo,
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             for close in reversed(closers):
                 close()
-        echo(summary(lb.stats(), lb.backend_counts(), lb.verdicts_by_reason,
-                     port=lb.port.stats()))
+        lb.stop_workers()       # their last counters, before the summary
+        echo(summary(lb.stats(), lb.backend_counts(), lb.punts(), port=lb.port.stats(),
+                     workers=lb.per_worker() if lb.lane_count > 1 else None))

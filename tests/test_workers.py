@@ -154,3 +154,43 @@ def test_workers_need_an_eal_started_for_them(eal):
 def test_at_most_sixteen_workers():
     with pytest.raises(ConfigError):
         config(workers=17)
+
+
+RUN_CONFIG = """
+balancer:
+  name: {name}
+  workers: 2
+  data:
+    device: "net_null_{name},copy=1,size=64"
+    address_v4: 10.9.0.1
+    gateway_v4: 10.9.0.254
+    neighbors: [{{address: 10.9.0.254, mac: "02:00:00:00:00:fe"}}]
+  admin: {{socket: {socket}}}
+vips:
+  - name: web
+    address: 192.0.2.80
+    protocol: tcp
+    port: 80
+    backends: [{{name: a, address: 10.9.1.1}}]
+"""
+
+
+@pytest.mark.dpdk
+def test_pylb_run_with_two_workers_reports_both_and_exits_clean(tmp_path):
+    name = "twrun"
+    cfg = tmp_path / "lb.yaml"
+    cfg.write_text(RUN_CONFIG.format(name=name, socket=tmp_path / "admin.sock"))
+    try:
+        done = subprocess.run([sys.executable, "-m", "pylb.cli", "run", "--config", str(cfg),
+                               "--duration", "2"], capture_output=True, text=True, timeout=120,
+                              cwd=ROOT, preexec_fn=lambda: os.sched_setaffinity(0, ALLOWED))
+    finally:
+        left = hugepage_files(f"pylb-{name}")
+        subprocess.run(["rm", "-rf", *left], check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Counter equations: all hold" in done.stdout
+    table = done.stdout.split("\nWorkers\n", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    rows = [line.split() for line in table]
+    # Each worker polled its own queue of the null port: both received frames.
+    assert [r[0] for r in rows] == ["0", "1"] and all(int(r[2]) > 1000 for r in rows), table
+    assert not left, f"left behind: {left}"
