@@ -140,24 +140,32 @@ def check_iommu(host: Host, cfg: Config) -> Finding:
 
 def check_cores(host: Host, cfg: Config) -> Finding:
     cores = cfg.balancer.dpdk.cores
+    workers = cfg.balancer.workers
     if not cores:
-        return Finding("cores", WARN, "dpdk.cores is not set: the worker takes the first allowed "
-                       "core, which the kernel also schedules other work on",
-                       "pick a core, isolate it (isolcpus) and set dpdk.cores: [N]")
-    core = cores[0]
+        return Finding("cores", WARN, "dpdk.cores is not set: the workers take the first allowed "
+                       "cores, which the kernel also schedules other work on",
+                       f"pick {workers} core(s), isolate them (isolcpus) and set dpdk.cores")
+    if len(set(cores[:workers])) < workers:
+        return Finding("cores", FAIL, f"balancer.workers is {workers} but dpdk.cores lists "
+                       f"{len(set(cores[:workers]))} distinct core(s) for them",
+                       "list one core per worker in dpdk.cores")
+    mine = cores[:workers]
     online = _cpu_list(host.read("/sys/devices/system/cpu/online") or "")
-    if online and core not in online:
-        return Finding("cores", FAIL, f"core {core} is not online (online: "
+    offline = [c for c in mine if online and c not in online]
+    if offline:
+        return Finding("cores", FAIL, f"core(s) {offline} not online (online: "
                        f"{(host.read('/sys/devices/system/cpu/online') or '').strip()})",
-                       "choose an online core in dpdk.cores")
+                       "choose online cores in dpdk.cores")
     isolated = _cpu_list(host.read("/sys/devices/system/cpu/isolated") or "")
-    if core not in isolated:
-        return Finding("cores", WARN, f"core {core} is not isolated: other tasks and interrupts "
-                       "share it, which shows as latency spikes",
-                       f"add `isolcpus={core} nohz_full={core} rcu_nocbs={core}` to the kernel "
-                       "command line, and keep IRQs off it (irqbalance's "
+    shared = [c for c in mine if c not in isolated]
+    if shared:
+        listed = ",".join(str(c) for c in shared)
+        return Finding("cores", WARN, f"core(s) {shared} not isolated: other tasks and "
+                       "interrupts share them, which shows as latency spikes",
+                       f"add `isolcpus={listed} nohz_full={listed} rcu_nocbs={listed}` to the "
+                       "kernel command line, and keep IRQs off them (irqbalance's "
                        "IRQBALANCE_BANNED_CPULIST)")
-    return Finding("cores", OK, f"worker core {core} is isolated")
+    return Finding("cores", OK, f"worker core(s) {mine} isolated")
 
 
 def check_mtu(host: Host, cfg: Config) -> Finding:

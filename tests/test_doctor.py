@@ -46,8 +46,10 @@ def host(tmp: pathlib.Path, *, hugepages=1024, mounted=True, driver="ixgbe", iom
     return root
 
 
-def config(tmp: pathlib.Path, device: str = PCI, mtu: int = 9000, cores=(2,)) -> pathlib.Path:
+def config(tmp: pathlib.Path, device: str = PCI, mtu: int = 9000, cores=(2,),
+           workers: int = 1) -> pathlib.Path:
     data = yaml.safe_load((ROOT / "examples" / "nic.yaml").read_text())
+    data["balancer"]["workers"] = workers
     data["balancer"]["data"]["device"] = device
     data["balancer"]["data"]["mtu"] = mtu
     data["balancer"]["dpdk"]["cores"] = list(cores)
@@ -91,6 +93,19 @@ def test_single_problems(tmp_path, change, check, status, words):
     rc, got = doctor(config(tmp_path), root)
     assert got[check]["status"] == status and words in got[check]["detail"]
     assert rc == (1 if status == "FAIL" else 0)
+
+
+@pytest.mark.parametrize("cores, isolated, status, words", [
+    ((2, 3), "2-3", "ok", "[2, 3] isolated"),
+    ((2,), "2-3", "FAIL", "one core per worker"),
+    ((2, 3), "2", "warn", "isolcpus=3"),
+])
+def test_every_worker_needs_its_own_isolated_core(tmp_path, cores, isolated, status, words):
+    root = host(tmp_path, driver="vfio-pci", iommu_groups=1, isolated=isolated)
+    rc, got = doctor(config(tmp_path, cores=cores, workers=2), root)
+    finding = got["cores"]
+    assert finding["status"] == status and words in finding["detail"] + (finding["fix"] or ""), \
+        finding
 
 
 def test_an_af_packet_port_checks_the_interface_mtu(tmp_path):
