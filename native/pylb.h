@@ -527,6 +527,7 @@ void pylb_lanes_free(const char *name, uint16_t lanes);
  *   rx + lane_in == fwd_cache_hit + fwd_new + fwd_table + fwd_fragment
  *         + fwd_verdict + verdict_peer + peer_rx + arp_replied + nd_replied
  *         + neigh_learned + exception_tap + lane_out + drop_total + held_now
+ *   (lane_order_kept counts frames also counted in lane_out)
  *   held == verdict_forward + verdict_drop + verdict_peer + held_now
  *   verdict_forward == fwd_verdict + (verdict forwards dropped by a drop_* reason)
  *   drop_total == drop_parse_truncated + drop_parse_bad + drop_not_ip
@@ -600,6 +601,8 @@ struct pylb_stats {
     uint64_t notices_lane_in;   /* notices from other lanes (counted in notices too) */
     uint64_t notices_lane_out;  /* notices handed to the flow's lane */
     uint64_t drop_lane_full;    /* another lane's ring was full */
+    uint64_t lane_order_kept;   /* cache hits handed to their flow's lane behind its frames there */
+    uint64_t lane_sticky_evicted; /* a flow forgotten with frames still on a lane's ring */
 };
 
 struct pylb_worker;

@@ -182,6 +182,9 @@ static int handle_vip(struct pylb_worker *w, struct rte_mbuf *m, const struct py
     uint64_t flow_id = pylb_flow_id(&pp->key, dp->flow_seed);
     uint32_t be;
     if (pylb_flow_cache_lookup(w->cache, &pp->key, flow_id, now, pp->tcp_flags, &be)) {
+        if (PYLB_UNLIKELY(w->sticky_live) && !w->from_lane && lane_of(w, flow_id) != w->lane &&
+            lane_keep_order(w, m, flow_id))
+            return 0;
         if (worker_forward(w, m, be, pp->l2_len, pp->l3_total, l3, flow_id))
             w->st.fwd_cache_hit++;
         return 0;
@@ -210,7 +213,7 @@ static int vip_miss(struct pylb_worker *w, struct rte_mbuf *m, const struct pylb
         if (PYLB_UNLIKELY(w->lanes > 1) && !w->from_lane) {
             uint16_t to = lane_of(w, flow_id);
             if (to != w->lane) {
-                lane_pass_frame(w, m, to);
+                lane_pass_flow_frame(w, m, flow_id, to);
                 return 0;
             }
         }
@@ -434,6 +437,10 @@ static uint32_t handle_burst(struct pylb_worker *w, struct rte_mbuf **m, uint16_
         }
         uint32_t j = asked_at[i];
         if (hits >> j & 1) {
+            /* A flow handed to its lane a moment ago: its frames there go first. */
+            if (PYLB_UNLIKELY(w->sticky_live) && !w->from_lane &&
+                lane_of(w, ids[j]) != w->lane && lane_keep_order(w, m[i], ids[j]))
+                continue;
             if (worker_forward(w, m[i], backends[j], pp[i].l2_len, pp[i].l3_total, pp[i].l3,
                                ids[j]))
                 w->st.fwd_cache_hit++;
@@ -519,12 +526,18 @@ static uint32_t take_from_lanes(struct pylb_worker *w, struct pylb_punt *punts, 
      * and a held slot for each frame. */
     if (room >= 2 * PYLB_BURST && w->n_free >= PYLB_BURST) {
         struct rte_mbuf *m[PYLB_BURST];
-        k = rte_ring_dequeue_burst(w->lane_frames[w->lane], (void **)m, PYLB_BURST, NULL);
+        struct rte_ring *r = w->lane_frames[w->lane];
+        k = rte_ring_dequeue_burst(r, (void **)m, PYLB_BURST, NULL);
         if (k > 0) {
+            uint32_t taken = r->cons.tail;     /* one consumer: this lane */
             w->from_lane = 1;
             np = handle_burst(w, m, (uint16_t)k, pylb_now_ms(), punts,
                               (int)(room - PYLB_BURST));
             w->from_lane = 0;
+            /* Sent, not only buffered, before the lanes that handed them on
+             * may send their flows' next frames themselves (lanes.c, "Order"). */
+            flush(w, rte_rdtsc());
+            lane_publish_done(w, taken);
         }
     }
     if (room - np >= PYLB_BURST)
@@ -601,6 +614,10 @@ PYLB_API int pylb_worker_apply(struct pylb_worker *w, const struct pylb_verdict 
 {
     int bad = 0;
     uint32_t now = pylb_now_ms();
+    uint8_t on_stack[1024];                          /* verdicts whose flow is cached after */
+    uint8_t *insert = n <= sizeof(on_stack) ? on_stack : calloc(n, 1);
+    if (insert == on_stack)
+        memset(on_stack, 0, n);
     for (uint32_t i = 0; i < n; i++) {
         uint32_t slot = v[i].slot;
         if (slot >= w->max_held || w->held[slot].m == NULL) {
@@ -610,14 +627,17 @@ PYLB_API int pylb_worker_apply(struct pylb_worker *w, const struct pylb_verdict 
         struct held_pkt *h = &w->held[slot];
         struct rte_mbuf *m = h->m;
         h->m = NULL;
-        w->free_slots[w->n_free++] = slot;
+        w->free_slots[w->n_free++] = slot;   /* h stays readable: no hold until poll */
         w->st.held_now--;
         if (v[i].action == PYLB_VERDICT_FORWARD) {
             w->st.verdict_forward++;
             if (v[i].cache && v[i].backend < w->dp->n_backends) {
-                if (pylb_flow_cache_insert(w->cache, &h->key, h->flow_id, v[i].backend, now,
-                                           timeout_class(h->proto, h->tcp_flags)) == PYLB_OK)
-                    w->st.cache_insert++;
+                if (insert != NULL)
+                    insert[i] = 1;
+                else if (pylb_flow_cache_insert(w->cache, &h->key, h->flow_id, v[i].backend,
+                                                now, timeout_class(h->proto, h->tcp_flags))
+                         == PYLB_OK)
+                    w->st.cache_insert++;     /* out of memory: cached first, as before */
                 else
                     w->st.cache_full++;
             }
@@ -631,7 +651,21 @@ PYLB_API int pylb_worker_apply(struct pylb_worker *w, const struct pylb_verdict 
             worker_count_drop(w, &w->st.drop_verdict, m);
         }
     }
+    /* Cached only once sent: another worker's hit on the entry must not leave
+     * before these packets of its flow (lanes.c, "Order"). */
     flush(w, rte_rdtsc());
+    for (uint32_t i = 0; insert != NULL && i < n; i++) {
+        if (!insert[i])
+            continue;
+        const struct held_pkt *h = &w->held[v[i].slot];
+        if (pylb_flow_cache_insert(w->cache, &h->key, h->flow_id, v[i].backend, now,
+                                   timeout_class(h->proto, h->tcp_flags)) == PYLB_OK)
+            w->st.cache_insert++;
+        else
+            w->st.cache_full++;
+    }
+    if (insert != on_stack)
+        free(insert);
     return bad ? pylb_fail(PYLB_EINVAL, "%d verdicts named no held packet", bad) : PYLB_OK;
 }
 
@@ -712,6 +746,7 @@ PYLB_API void pylb_worker_destroy(struct pylb_worker *w)
     free(w->be_new);
     free(w->be_tx);
     free(w->health_steer);
+    free(w->sticky);
     rte_free(w->txb);
     rte_free(w);
 }

@@ -30,6 +30,16 @@ struct backend_tx {
     uint8_t fixed[2][BACKEND_TX_HEADER];  /* inner IPv4, inner IPv6 */
 };
 
+/* A flow whose frames this worker handed to another lane (lanes.c, "Order"). */
+#define STICKY_SETS 1024
+#define STICKY_WAYS 4
+struct lane_sticky {
+    uint64_t flow_id;
+    uint32_t pos;                /* the lane's ring position after its last frame */
+    uint16_t lane;
+    uint16_t used;
+};
+
 struct pylb_worker {
     struct pylb_port *port;
     struct pylb_port *exc_port;
@@ -58,6 +68,9 @@ struct pylb_worker {
     uint8_t from_lane;           /* the burst being handled came from this lane's ring */
     struct rte_ring *lane_frames[PYLB_MAX_LANES];
     struct rte_ring *lane_notices[PYLB_MAX_LANES];
+    uint32_t *lane_done[PYLB_MAX_LANES];  /* each lane's ring position taken, handled, sent */
+    struct lane_sticky *sticky;  /* STICKY_SETS x STICKY_WAYS */
+    uint32_t sticky_live;        /* entries in use: 0 spares the lookup on a hit */
     struct pylb_stats st;
 };
 
@@ -71,6 +84,16 @@ static inline uint16_t lane_of(const struct pylb_worker *w, uint64_t flow_id)
 int lanes_attach(struct pylb_worker *w, const char *name, uint16_t lane, uint16_t lanes);
 /* Hands m to another lane's frame ring, or drops it (drop_lane_full). */
 void lane_pass_frame(struct pylb_worker *w, struct rte_mbuf *m, uint16_t lane);
+/* The same for a frame of flow flow_id, remembering that its flow has frames
+ * on that lane's ring (its next frames follow them there). */
+void lane_pass_flow_frame(struct pylb_worker *w, struct rte_mbuf *m, uint64_t flow_id,
+                          uint16_t lane);
+/* For a cache hit of another lane's flow: 1 when m was handed to that lane
+ * behind the flow's frames still there (it must not overtake them), 0 when
+ * it may be forwarded here. */
+int lane_keep_order(struct pylb_worker *w, struct rte_mbuf *m, uint64_t flow_id);
+/* This lane took, handled and sent its ring's frames up to position pos. */
+void lane_publish_done(struct pylb_worker *w, uint32_t pos);
 /* Hands a new-state notice to another lane, or counts it lost. */
 void lane_pass_notice(struct pylb_worker *w, const struct pylb_punt *notice, uint16_t lane);
 /* Takes up to room notices from this lane's notice ring into punts. */

@@ -268,7 +268,8 @@ class Balancer:
         if answers is None:
             return True
         return any(r["backlog"] or r["stats"]["held_now"]
-                   or (r.get("cluster") or {}).get("pending_requests") for r in answers)
+                   or (r.get("cluster") or {}).get("pending_requests")
+                   or (r.get("cluster") or {}).get("undecided") for r in answers)
 
     def lane_report(self) -> dict:
         """What a worker process tells worker 0 every second."""
@@ -283,7 +284,8 @@ class Balancer:
             report["cluster"] = {"counters": dict(c.counters),
                                  "peer": dataclasses.asdict(c.peer_stats),
                                  "state_entries": c.state_entries(),
-                                 "pending_requests": len(c.pending)}
+                                 "pending_requests": len(c.pending),
+                                 "undecided": len(c.undecided)}
             if self._divergent_asked is not None:
                 report["divergent"] = (self._divergent_asked, c.busy(),
                                        {v: sorted(b) for v, b in c._divergent_buckets().items()})
@@ -465,8 +467,11 @@ class Balancer:
         if traffic != clock["traffic"]:
             clock["traffic"], clock["last_traffic"] = traffic, now
         handoff = self.configured.cluster.handoff_period if self.cluster is not None else 0.0
-        pending = len(self.cluster.pending) + len(self.cluster.undecided) \
-            if self.cluster is not None else 0
+        pending = 0
+        if self.cluster is not None:
+            # Every worker process's requests and undecided flows (their last reports).
+            totals = self._cluster_totals()
+            pending = totals["pending_requests"] + totals["undecided"]
         quiet = now - clock["last_traffic"]
         if now - clock["started"] >= d.timeout:
             st.update(state="done", detail=f"timed out after {d.timeout} s; VIP packets still "
@@ -693,7 +698,7 @@ class Balancer:
         c = self.cluster
         counters = collections.Counter(c.counters)
         peer_stats = collections.Counter(dataclasses.asdict(c.peer_stats))
-        entries, pending = c.state_entries(), len(c.pending)
+        entries, pending, undecided = c.state_entries(), len(c.pending), len(c.undecided)
         if self.lanes is not None:
             for report in self.lanes.reports.values():
                 theirs = report.get("cluster")
@@ -702,7 +707,8 @@ class Balancer:
                     peer_stats.update(theirs["peer"])
                     entries += theirs["state_entries"]
                     pending += theirs["pending_requests"]
-        return {"state_entries": entries, "pending_requests": pending,
+                    undecided += theirs["undecided"]
+        return {"state_entries": entries, "pending_requests": pending, "undecided": undecided,
                 "counters": dict(counters), "peer": dict(peer_stats)}
 
     def _buckets_by_backend(self) -> dict[int, int]:
@@ -750,7 +756,11 @@ class Balancer:
     def retire_previous(self) -> int:
         """Retires every stateful bucket that may be retired now, however
         recent its change (for tests and operators; the balancer does this by
-        itself previous_retire_after after a change). Returns how many."""
+        itself previous_retire_after after a change). Returns how many. With
+        several worker processes, each is asked first (and waited for)."""
+        if self.lanes is not None and self.cluster is not None \
+                and self.config.cluster.state_exchange:
+            self.lanes.ask_divergent()
         return self._retire(time.monotonic(), due_after=0.0)
 
     def _retire(self, now: float, due_after: float) -> int:
@@ -958,8 +968,9 @@ def _worker_cores(config: Config, eal) -> list[int]:
     b = config.balancer
     allowed = eal.cpus_before if eal is not None else os.sched_getaffinity(0)
     cores = list(b.dpdk.cores) or sorted(allowed)
-    if len(cores) < b.workers:
-        raise ConfigError(f"balancer.workers is {b.workers} but only {len(cores)} cores are "
+    if len(set(cores[:b.workers])) < b.workers:
+        raise ConfigError(f"balancer.workers is {b.workers} but only "
+                          f"{len(set(cores[:b.workers]))} distinct cores are "
                           f"{'listed in dpdk.cores' if b.dpdk.cores else 'allowed'}: one core "
                           "per worker")
     return cores[:b.workers]

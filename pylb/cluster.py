@@ -686,6 +686,9 @@ class ClusterNode:
 
     def _cache(self, key: FlowKey, flow_id: int, backend: int) -> None:
         tclass = TimeoutClass.UDP if key.proto == UDP else TimeoutClass.TCP
+        # What this worker forwarded of the flow leaves first: another
+        # worker's hit on the entry must not overtake it (native/lanes.c, "Order").
+        self.lb.worker.flush()
         try:
             self.lb.cache.insert(key.to_bytes(), flow_id, backend, now_ms(), tclass)
         except Full:

@@ -40,6 +40,7 @@ RING_SIZE = 4096
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 REPORT_INTERVAL_S = 1.0
+SILENT_S = 10.0           # a worker silent this long is taken as hung: the balancer stops
 DIVERGENT_RETRY_S = 10.0  # a question about retirement left unanswered is asked again
 
 
@@ -91,6 +92,7 @@ class LaneSet:
         self._answers: dict[int, tuple] = {}
         self._report_asked: float | None = None
         self._answered: tuple[float, list[dict]] | None = None
+        self._started_at = time.monotonic()
 
     def start(self, init: dict) -> None:
         """Starts every worker with `init` (the configurations it starts
@@ -119,6 +121,7 @@ class LaneSet:
                 kind, detail = "failed", f"it ended (status {self.procs[index].wait()})"
             if kind != "ready":
                 raise PylbError(f"worker {index} could not start: {detail}")
+        self._started_at = time.monotonic()
         log.info("workers started", workers=len(self.roles) + 1,
                  pids=[p.pid for p in self.procs.values()])
 
@@ -154,6 +157,10 @@ class LaneSet:
             code = self.procs[index].poll()
             if code is not None and self.failed is None:
                 self._fail(f"worker {index} ended (status {code})")
+            # Alive but silent: its queue goes unread all the same.
+            last = self.report_at.get(index, self._started_at)
+            if time.monotonic() - last > SILENT_S and self.failed is None:
+                self._fail(f"worker {index} has not reported for {SILENT_S:.0f} s")
 
     def reports_since(self, since: float) -> list[dict] | None:
         """Every worker's report to a question asked at `since` (monotonic)
@@ -188,6 +195,20 @@ class LaneSet:
             return None
         self._ask = None
         return [(busy, held) for _, busy, held in answers]
+
+    def ask_divergent(self, timeout: float = 5.0) -> bool:
+        """Asks every worker the retirement question now and waits until all
+        answered (True) or timeout: the next divergent() returns the answers."""
+        self._ask_id += 1
+        self._ask, self._ask_at = self._ask_id, time.monotonic()
+        self.broadcast(("divergent", self._ask))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.failed is None:
+            self.poll()
+            if all((self._answers.get(r.index) or (None,))[0] == self._ask for r in self.roles):
+                return True
+            time.sleep(0.001)
+        return False
 
     def _fail(self, why: str) -> None:
         if self.failed is None:

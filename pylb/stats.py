@@ -68,6 +68,8 @@ class Stats:
     notices_lane_in: int = 0
     notices_lane_out: int = 0
     drop_lane_full: int = 0
+    lane_order_kept: int = 0
+    lane_sticky_evicted: int = 0
 
     @classmethod
     def from_c(cls, s) -> "Stats":

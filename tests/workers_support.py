@@ -4,7 +4,7 @@ need one started for several (pylb/lanes.py). Prints one JSON line.
 
     python tests/workers_support.py scenarios N_FLOWS PREFIX
     python tests/workers_support.py lanes N_FLOWS PREFIX
-    python tests/workers_support.py kill PREFIX
+    python tests/workers_support.py kill SIGKILL|SIGSTOP PREFIX
 """
 from __future__ import annotations
 
@@ -65,15 +65,19 @@ def run_lanes(n_flows: int) -> dict:
         tb.settle()
         lb = tb.lbs["lb1"]
         reports = lane_reports(lb)
-        return {"stray": STRAY, "broken": tb.broken(flows) + tb.broken(new),
-                "lost": tb.lost(flows) + tb.lost(new),
-                "worker0": dataclasses.asdict(lb.worker.stats()),
-                "workers": [r["stats"] for r in reports],
-                "cluster0": dict(lb.cluster.counters),
-                "peer0": lb.cluster.peer_stats.as_dict(),
-                "clusters": [r["cluster"] for r in reports],
-                "equations": lb.stats().broken_equations(),
-                "snapshot_workers": lb.snapshot()["workers"]}
+        out = {"stray": STRAY, "broken": tb.broken(flows) + tb.broken(new),
+               "lost": tb.lost(flows) + tb.lost(new),
+               "worker0": dataclasses.asdict(lb.worker.stats()),
+               "workers": [r["stats"] for r in reports],
+               "cluster0": dict(lb.cluster.counters),
+               "peer0": lb.cluster.peer_stats.as_dict(),
+               "clusters": [r["cluster"] for r in reports],
+               "equations": lb.stats().broken_equations(),
+               "total": dataclasses.asdict(lb.stats()),
+               "snapshot_punts": lb.snapshot()["punts"],
+               "snapshot_workers": lb.snapshot()["workers"]}
+        out["retired_at_once"] = lb.retire_previous()
+        return out
 
 
 def run_retire(n_flows: int) -> dict:
@@ -107,17 +111,20 @@ def run_retire(n_flows: int) -> dict:
                 "broken": tb.broken(flows), "lost": tb.lost(flows)}
 
 
-def run_kill() -> dict:
-    """A worker process dies: worker 0's loop stops with the reason."""
+def run_kill(how: str) -> dict:
+    """A worker process dies (SIGKILL) or hangs (SIGSTOP): worker 0's loop
+    stops with the reason."""
     with testbed.Testbed(["lb1"], scenarios.BACKENDS[:2], workers=WORKERS) as tb:
         lb = tb.lbs["lb1"]
         pid = lb.snapshot()["workers"][1]["pid"]
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
+        os.kill(pid, getattr(signal, how))
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
                 lb.step()
             except PylbError as exc:
+                if how == "SIGSTOP":
+                    os.kill(pid, signal.SIGCONT)     # so that it can be stopped
                 return {"stopped": str(exc), "pid": pid}
             time.sleep(0.01)
         return {"stopped": None, "pid": pid}
@@ -135,7 +142,7 @@ def main() -> None:
         elif what == "retire":
             result = run_retire(int(sys.argv[2]))
         else:
-            result = run_kill()
+            result = run_kill(sys.argv[2])
     print(json.dumps(result))
 
 
