@@ -273,6 +273,8 @@ def test_a_bad_history_request_is_not_answered(joiner, case):
     lb1 = joiner.tb.lbs["lb1"]
     node = joiner.lb4.cluster
     node.history.asking = False     # lb4's own retries would be answered meanwhile
+    for _ in range(5):
+        joiner.tb.step()            # and those on their way are
     genuine = peer.encode(Message(MessageType.HISTORY_REQUEST, peer.balancer_id("lb4"),
                                   node.view, node._next_seq()), KEY)
     if case == "replayed":
