@@ -15,6 +15,7 @@ import structlog
 
 from pylb import eal as eal_mod
 from pylb import config as config_mod
+from pylb import history as history_mod
 from pylb import lanes as lanes_mod
 from pylb import logs
 from pylb.config import Config
@@ -57,12 +58,14 @@ class Balancer:
     def __init__(self, config: Config,
                  previous_config: Config | list[Config] | tuple[Config, ...] | None = None,
                  lane: "lanes_mod.LaneRole | None" = None):
-        """previous_config: the configuration the cluster ran before its last
-        change (any member's), for a balancer that starts or joins while that
-        change is in force; or, when several backend changes are in force,
-        every configuration since the one before the oldest, oldest first.
-        Their VIPs give the history of the tables (the stateful buckets), the
-        last one's cluster section the former members (docs/state-exchange.md).
+        """previous_config: not needed in a cluster, whose members tell a
+        balancer that starts the tables in force (pylb/history.py). Given, it
+        overrides that, and serves a standalone balancer: the configuration
+        the cluster ran before its last change (any member's); or, when
+        several backend changes are in force, every configuration since the
+        one before the oldest, oldest first. Their VIPs give the history of
+        the tables (the stateful buckets), the last one's cluster section the
+        former members (docs/state-exchange.md).
         lane: for worker processes 1.. of a balancer with several
         (pylb/lanes.py starts them); worker 0 finds its own role."""
         self.config = config
@@ -164,7 +167,11 @@ class Balancer:
         # settings, replayed in order so that every change in force moves its buckets.
         generations = [config.model_copy(update={"vips": c.vips})
                        for c in self.previous_configs] or [config]
-        self.worker.set_dataplane(Dataplane(generations[0], self.generation, self.registry))
+        # Without them, a member of a cluster learns the tables in force from
+        # the others; until then every bucket is stateful.
+        self.history_unknown = not self.previous_configs and history_mod.wanted(config)
+        self.worker.set_dataplane(Dataplane(generations[0], self.generation, self.registry,
+                                            unknown_history=self.history_unknown))
         for older in generations[1:]:
             self.generation += 1
             self.worker.set_dataplane(Dataplane(older, self.generation, self.registry,
@@ -795,6 +802,21 @@ class Balancer:
                                             previous=dp, current=dp.tables, retire=due))
         if self.cluster is not None:
             self.cluster.apply_config(self.config)    # the view's table generation
+
+    def learn_history(self, answer: list | None, joined: bool = False) -> None:
+        """The tables in force, learnt from the members (pylb/history.py):
+        an answer (empty: nobody had any), or None when none came in time
+        (every bucket stays stateful); joined: a member answered, so the
+        cluster ran without this balancer. Worker 0 tells the other workers;
+        then what waited for it is decided."""
+        if answer is not None:
+            self.generation += 1
+            self.worker.set_dataplane(history_mod.compose(
+                self.config, self.generation, self.registry, answer, self.dataplane,
+                self.cluster.history.known, time.monotonic()))
+            self.cluster.apply_config(self.config)    # the view's table generation
+        self._to_lanes(("history", answer, joined, lanes_mod.backends_digest(self.dataplane)))
+        self.cluster.release(known=answer is not None, joined=joined)
 
     def _lanes_allow(self, due: dict[str, list[int]]) -> dict[str, list[int]]:
         """Of the due buckets, those no worker process holds a flow of on an

@@ -133,9 +133,10 @@ def which(config_file: str, flow: str, as_json: bool) -> None:
 @click.option("--duration", type=float, default=None, help="Stop after this many seconds.")
 @click.option("--previous-config", "previous_files", type=click.Path(dir_okay=False),
               multiple=True,
-              help="The cluster's configuration before its last change, for a balancer that "
-                   "joins while that change is in force; repeated, oldest first, when several "
-                   "changes are in force (docs/state-exchange.md).")
+              help="Optional: a member learns the tables in force from the others. The "
+                   "configuration before the last change, for a standalone balancer (or to "
+                   "override that); repeated, oldest first, when several changes are in force "
+                   "(docs/state-exchange.md).")
 @click.pass_context
 def run(ctx: click.Context, config_file: str, duration: float | None,
         previous_files: tuple[str, ...]) -> None:

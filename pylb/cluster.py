@@ -22,6 +22,7 @@ import structlog
 from pylb import packet, peer
 from pylb._ffi import ffi, key_bytes, lib
 from pylb.carriers import Carriers
+from pylb.history import HistoryExchange
 from pylb.dataplane import NO_BACKEND, Classification
 from pylb.errors import Full, PylbError
 from pylb.flow_cache import TimeoutClass, now_ms
@@ -107,6 +108,7 @@ class ClusterNode:
         self._pushes: dict[str, list[StateRecord]] = {}
         self._answers: dict[str, list[StateRecord]] = {}    # per asker, sent by tick()
         self.carriers = Carriers(self)
+        self.history = HistoryExchange(self, learning=lb.history_unknown)
         self._last_push = self._last_refresh = self._last_expire = time.monotonic()
         self.member_gen = 0
         self._ids_for = None
@@ -158,7 +160,10 @@ class ClusterNode:
         self.view = peer.view_of(members, self.member_gen, self.lb.generation)
 
     def _in_transition(self) -> bool:
-        return time.monotonic() < self._transition_until
+        # A joiner that could not learn the tables in force stays in its
+        # join transition: the members, who know them, decide for it.
+        return time.monotonic() < self._transition_until or \
+            bool(self._prev_members and self.history.unsure)
 
     def others(self) -> list[str]:
         """Every other balancer that may carry a flow: the members, and during
@@ -215,7 +220,11 @@ class ClusterNode:
 
     # ------------------------------------------------------------ the miss path
 
-    def decide(self, p: Punt) -> Verdict | None:
+    def decide(self, p: Punt, ip: bytes | None = None) -> Verdict | None:
+        """ip: the packet, when it is no longer held in the worker (p.slot
+        is then None; the verdict says what to do with ip)."""
+        if self.history.learning:
+            return self.history.hold(p)
         vip = self.lb.dataplane.vip_names[p.vip]
         size = self._table_size(vip)
         holders = self.holders(size, p.bucket)
@@ -227,7 +236,7 @@ class ClusterNode:
         if kb in self.undecided:
             if held is None:
                 self._wait_for_state(FlowKey.from_bytes(kb), p.flow_id, p.reason == PuntReason.UDP_MOVED,
-                                     self._held_ip(p.slot), local=True,
+                                     ip or self._held_ip(p.slot), local=True,
                                      closing=bool(p.tcp_flags & FIN_RST))
                 return Verdict(p.slot, Action.PEER)     # kept here until decided
             # The state came by another way (a refresh): the kept packets first.
@@ -247,7 +256,7 @@ class ClusterNode:
             targets = [h for h in self.former_holders(size, p.bucket) if h != self.name]
             if not targets and self.config.decision_delay():
                 self._wait_for_state(key, p.flow_id, p.reason == PuntReason.UDP_MOVED,
-                                     self._held_ip(p.slot), local=True,
+                                     ip or self._held_ip(p.slot), local=True,
                                      closing=bool(p.tcp_flags & FIN_RST))
                 return Verdict(p.slot, Action.PEER)     # kept here until decided
             if not targets:
@@ -259,7 +268,7 @@ class ClusterNode:
                 self.exchanged[kb] = (p.flow_id, rec.version)
                 return Verdict(p.slot, Action.FORWARD, self._backend_id(vip, rec.backend),
                                cache=True)
-        ip = self._held_ip(p.slot)
+        ip = ip or self._held_ip(p.slot)
         pend = self.pending.get(kb)
         if pend is None:
             pend = self.pending[kb] = Pending(key, ip, p.flow_id, targets, time.monotonic())
@@ -493,6 +502,62 @@ class ClusterNode:
             log.warning("could not forward a packet", error=str(exc), flow=str(key),
                         flow_id=flow_label(flow_id))
 
+    # ------------------------------------------------------------ once the history is learnt
+
+    def release(self, known: bool, joined: bool = False) -> None:
+        """What waited for the tables in force (pylb/history.py): the peer
+        messages kept (their state first), then the packets and notices
+        held, decided by the tables now in force, in order. joined: the
+        cluster ran without this balancer, which joins it now."""
+        held, deferred = self.history.learnt(known)
+        if joined and not self._in_transition():
+            self._join_transition()
+        for sender, msg in deferred:
+            self._dispatch(sender, msg)
+        for p, ip in held:
+            self._redecide(p, ip)
+        if held or deferred:
+            log.info("traffic held while learning the tables in force released",
+                     punts=len(held), messages=len(deferred), history_known=known)
+
+    def _join_transition(self) -> None:
+        """The other members held every bucket before this balancer joined:
+        for a handoff period they are its former holders, asked first by it
+        as a new owner, as after any membership change (a joiner given
+        --previous-config starts so too, from its members)."""
+        self.members = {n: a for n, a in self.members.items() if n != self.name}
+        self.apply_config(self.lb.config)
+
+    def _redecide(self, p: Punt, ip: bytes | None) -> None:
+        """A punt taken while every bucket was stateful: in a bucket stable
+        now, what the fast path does (forward by the table; a notice needs
+        nothing); else the miss path."""
+        c = self._classify(p.key)
+        key = FlowKey.from_bytes(p.key)
+        if c is not None and c.stateful:
+            p = dataclasses.replace(p, current=c.current.id if c.current else NO_BACKEND,
+                                    previous=c.previous.id if c.previous else NO_BACKEND)
+            try:
+                verdict = self.decide(p, ip)
+            except (ValueError, PylbError) as exc:
+                log.warning("held packet not decided: dropped", error=str(exc),
+                            flow_id=flow_label(p.flow_id))
+                verdict = Verdict(None, Action.DROP)
+            if verdict is None or ip is None:
+                return      # a notice, or the miss path took the packet
+        elif ip is None:
+            return          # a notice in a bucket that needs no state
+        else:
+            verdict = Verdict(None, Action.FORWARD, c.current.id, cache=self.lb.config.balancer
+                              .flow_cache.track == "all") if c and c.current else \
+                Verdict(None, Action.DROP)
+        if verdict.action == Action.FORWARD:
+            self._forward_for(ip, verdict.backend, p.flow_id, key)
+            if verdict.cache:
+                self._cache(key, p.flow_id, verdict.backend)
+        elif verdict.action == Action.DROP:
+            self.counters["history_held_dropped"] += 1
+
     # ------------------------------------------------------------ peer datagrams
 
     def on_peer_frames(self, frames: list[bytes]) -> None:
@@ -520,10 +585,17 @@ class ClusterNode:
         if not self.window.check_and_update((msg.sender, msg.sender_lane), msg.seq):
             self.peer_stats.count("replayed")
             return
+        if not self.history.defers(sender, msg):
+            self._dispatch(sender, msg)
+
+    def _dispatch(self, sender: str, msg) -> None:
+        """An admitted message to its handler, counted by its outcome."""
         handler = {MessageType.STATE_REQUEST: self._on_request,
                    MessageType.STATE_ANSWER: self._on_answer,
                    MessageType.CARRIER_QUERY: self.carriers.on_query,
-                   MessageType.CARRIER_REPLY: self.carriers.on_reply}.get(msg.type,
+                   MessageType.CARRIER_REPLY: self.carriers.on_reply,
+                   MessageType.HISTORY_REQUEST: self.history.on_request,
+                   MessageType.HISTORY_ANSWER: self.history.on_answer}.get(msg.type,
                                                                            self._on_records)
         try:
             result = handler(sender, msg)
@@ -676,6 +748,8 @@ class ClusterNode:
             return
         c = self._accept(rec)
         if c is None:
+            if self.history.unsure and self._classify(rec.key) is not None:
+                self._passed_through(pend, rec)
             return      # still pending: retried, then the fallback decides
         del self.pending[rec.key]
         if self.name in self.holders(self._table_size(c.vip), c.bucket):
@@ -683,6 +757,17 @@ class ClusterNode:
         self._resolve(pend, rec, c)
         if pend.local:
             self.counters["answers_cached"] += 1
+
+    def _passed_through(self, pend: Pending, rec: StateRecord) -> None:
+        """An answer naming a backend this balancer does not know, while it
+        does not know the tables in force (pylb/history.py): the owner
+        forwarded the packet, the peers that asked here get the answer, and
+        nothing is cached: the flow's next packets go via the owner too."""
+        del self.pending[rec.key]
+        for waiter in pend.waiters:
+            self._answer(waiter, rec)
+        self.counters["undecided_packets_dropped"] += len(pend.kept)
+        self.counters["answers_passed_through"] += 1
 
     def _cache(self, key: FlowKey, flow_id: int, backend: int) -> None:
         tclass = TimeoutClass.UDP if key.proto == UDP else TimeoutClass.TCP
@@ -809,12 +894,13 @@ class ClusterNode:
         if self._answers:
             self._flush_answers()
         self.carriers.flush()
+        self.history.tick(now)
 
     def urgent(self) -> bool:
         """Whether the loop should come back soon rather than idle: an owner
         waits for a flow's state, or new flows' state waits for the next
         push (push_interval_ms), which an owner may be waiting for."""
-        return bool(self.undecided) or self.carriers.queued() or any(
+        return bool(self.undecided) or self.carriers.queued() or self.history.learning or any(
             records for (_, kind), records in self._pushes.items()
             if kind == MessageType.STATE_PUSH)
 
@@ -911,7 +997,7 @@ class ClusterNode:
         backend (announced to the others with CLEAN); as anyone else, those
         whose owner announced it since the bucket last moved here. Nothing
         while ownership or a post-change push is still moving state."""
-        if self._in_transition() or self._export_cursor is not None:
+        if self._in_transition() or self._export_cursor is not None or not self.history.known:
             return {}
         dp = self.lb.dataplane
         divergent = self._divergent_buckets()
@@ -1082,6 +1168,20 @@ class ClusterNode:
         except Exception as exc:    # as _flush
             self.counters["send_failed"] += 1
             log.debug("peer datagram not sent", target=target, kind=kind.name, error=str(exc))
+
+    def send_parts(self, target: str, parts: list) -> None:
+        """A HISTORY_ANSWER's parts, best effort (the asker asks again)."""
+        address = self._address(target)
+        try:
+            for part in parts:
+                msg = peer.Message(MessageType.HISTORY_ANSWER, peer.balancer_id(self.name),
+                                   self.view, self._next_seq(), sender_lane=self.lb.lane,
+                                   part=part)
+                self.lb.worker.send_peer(address, peer.encode(msg, self.key))
+                self.counters["sent_history_answer"] += 1
+        except Exception as exc:    # as send_batched
+            self.counters["send_failed"] += 1
+            log.debug("history answer not sent", target=target, error=str(exc))
 
     # ------------------------------------------------------------ helpers
 

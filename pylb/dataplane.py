@@ -118,12 +118,20 @@ class Dataplane:
 
     def __init__(self, config: Config, generation: int, registry: BackendRegistry | None = None,
                  previous: "Dataplane | None" = None, current: dict[str, VipTables] | None = None,
-                 retire: dict[str, list[int]] | None = None, now: float | None = None):
+                 retire: dict[str, list[int]] | None = None, now: float | None = None,
+                 learnt: dict[str, VipHistory | None] | None = None,
+                 unknown_history: bool = False):
         """registry: the balancer's backend ids (a fresh one if None). previous:
         the generation this one replaces: buckets whose backend differs from
         its current tables become stateful, and its stateful buckets stay so.
         current: tables built already (else Maglev). retire: buckets per VIP
-        to stop treating as stateful. now: the monotonic time of the change."""
+        to stop treating as stateful. now: the monotonic time of the change.
+        learnt: histories given whole, per VIP (pylb/history.py: the tables
+        in force learnt from a member), instead of previous's.
+        unknown_history: the tables in force are not known yet, so every
+        bucket is stateful (misses are punted, never forwarded by a table
+        that may not be the one their flows started on); the previous
+        backend is the current one."""
         self._dp = None
         self._classify_io = threading.local()
         self.config = config
@@ -132,6 +140,9 @@ class Dataplane:
         self.tables: dict[str, VipTables] = {}
         self.ids: dict[str, array] = {}            # current tables as backend ids
         self.history: dict[str, VipHistory] = {}   # VIPs with stateful buckets
+        # The history of the changes this balancer knows of: the one in force,
+        # except while the tables in force are unknown (all stateful then).
+        self.known_history: dict[str, VipHistory] = {}
         self.newly_moved: dict[str, list[int]] = {}  # buckets this change moved
         now = time.monotonic() if now is None else now
         keep = []
@@ -148,13 +159,21 @@ class Dataplane:
             cur_ids = self.ids[vip.name] = self._ids_table(cur, ids)
             v = vips[i]
             v.current = self._c_array("uint32_t[]", cur_ids, keep)
-            history = self._history(vip.name, cur_ids, previous, now)
+            if learnt is not None:
+                history = learnt.get(vip.name)
+            else:
+                history = self._history(vip.name, cur_ids, previous, now)
             if history is not None and retire and retire.get(vip.name):
                 flags = bytearray(history.flags)
                 for b in retire[vip.name]:
                     flags[b] = 0
                 history = VipHistory(bytes(flags), history.previous, history.moved_at) \
                     if any(flags) else None
+            if history is not None:
+                self.known_history[vip.name] = history
+            if unknown_history:
+                n = len(cur_ids)
+                history = VipHistory(b"\x01" * n, cur_ids, array("d", [now]) * n)
             if history is not None:
                 self.history[vip.name] = history
                 v.previous = self._c_array("uint32_t[]", history.previous, keep)
@@ -183,7 +202,7 @@ class Dataplane:
         if previous is None or vip not in previous.ids:
             return None
         old_ids = previous.ids[vip]
-        old = previous.history.get(vip)
+        old = previous.known_history.get(vip)
         if len(old_ids) != len(cur_ids):
             # A new table size rehashes every flow: no bucket maps to an old one.
             log.warning("table size changed: flows older than the change may move", vip=vip)

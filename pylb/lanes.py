@@ -11,7 +11,8 @@ the flow cache or the tables decide; what needs Python is split by flow
 store and pushes are those of its lane's flows alone.
 
 Worker 0 tells the others, in order, every change of the tables (each
-configuration it swaps in and each retirement: they compile the same
+configuration it swaps in, each retirement, the tables in force it learnt
+from its cluster's members (pylb/history.py): they compile the same
 dataplanes, so backend ids in the shared cache mean the same everywhere),
 the MACs its ARP and NDP learnt (it takes every such frame), and when to
 stop; they report their counters every second. A worker that dies ends the
@@ -255,6 +256,10 @@ def _apply(lb, op: tuple) -> bool:
     elif kind == "retire":
         _, due, digest = op
         lb.apply_retirement(due)
+        _check_digest(lb, digest)
+    elif kind == "history":
+        _, answer, joined, digest = op
+        lb.learn_history(answer, joined)
         _check_digest(lb, digest)
     elif kind == "neighbours":
         for address, mac in op[1].items():

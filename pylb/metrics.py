@@ -23,6 +23,8 @@ STATE_SENT = {"push": "sent_state_push", "handoff": "sent_handoff", "refresh": "
               "remove": "sent_remove", "clean": "sent_clean"}
 CARRIER_QUERIES = {"sent": "carrier_queries_sent", "received": "carrier_queries_received"}
 CARRIER_REPLIES = {"state": "carrier_replied_state", "not_here": "carrier_replied_not_here"}
+HISTORY_OUTCOMES = {"taken": "history_answers_taken", "none_known": "history_none_known",
+                    "unanswered": "history_unanswered"}
 CARRIER_DECISIONS = {"state": "carrier_state_adopted", "all_not_here": "carrier_decided_all_not_here",
                      "bound": "carrier_decided_at_bound"}
 
@@ -181,6 +183,10 @@ class SnapshotCollector:
                        "carries them: by a reply's state, by rule 4 once all said not here, by "
                        "rule 4 at the bound.", ["how"],
                        [((k,), n.get(v, 0)) for k, v in CARRIER_DECISIONS.items()])
+        yield _counter("pylb_history_learnt", "How a starting balancer learnt the tables in force "
+                       "from the members: answers taken, nobody knew any (the cluster starts), "
+                       "nobody answered within the bound.", ["outcome"],
+                       [((k,), n.get(v, 0)) for k, v in HISTORY_OUTCOMES.items()])
         yield _counter("pylb_peer_messages", "Peer messages received, by result.", ["result"],
                        [((k,), v) for k, v in sorted(c["peer"].items())])
         yield _gauge("pylb_state_entries", "Flow-state records held as owner or backup.",

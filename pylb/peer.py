@@ -35,6 +35,10 @@ REMOVE_LEN = 48
 CLEAN_LEN = 28
 QUERY_LEN = 40              # a CARRIER_QUERY record: the flow key
 MAC_LEN = 16
+HISTORY_PART_LEN = 40       # a HISTORY_ANSWER part's header (docs/peer-protocol.md)
+HISTORY_BACKEND_LEN = 20    # a backend entry, before its name
+HISTORY_GROUP_LEN = 12      # a bucket group, before its buckets (4 bytes each)
+NO_PREVIOUS = 0xFFFF        # a bucket group whose buckets had no backend before
 # The seed of balancer ids and of the member hash. Fixed by the protocol: every
 # balancer must derive the same id from the same name.
 HASH_SEED = MAGIC
@@ -69,8 +73,15 @@ _STATE = struct.Struct("!40s16sQIB7s")
 _REMOVE = struct.Struct("!40sQ")
 # The pad byte is a field, not "x": a receiver must see it to refuse it non-zero.
 _CLEAN = struct.Struct("!16sBBHII")
+_HISTORY_PART = struct.Struct("!QHHBBH16sIHH")
+_HISTORY_BACKEND = struct.Struct("!16sHBB")
+_HISTORY_GROUP = struct.Struct("!HHII")
+_HISTORY_UNKNOWN = 0x01     # part flag: the answerer does not know the tables in force itself
+_HISTORY_CURRENT = 0x01     # backend flag: in the answerer's current backend list
 assert (_HEADER.size, _STATE.size, _REMOVE.size, _CLEAN.size) == \
     (HEADER_LEN, RECORD_LEN, REMOVE_LEN, CLEAN_LEN)
+assert (_HISTORY_PART.size, _HISTORY_BACKEND.size, _HISTORY_GROUP.size) == \
+    (HISTORY_PART_LEN, HISTORY_BACKEND_LEN, HISTORY_GROUP_LEN)
 
 
 class MessageType(enum.IntEnum):
@@ -83,6 +94,8 @@ class MessageType(enum.IntEnum):
     CLEAN = 7
     CARRIER_QUERY = 8
     CARRIER_REPLY = 9
+    HISTORY_REQUEST = 10
+    HISTORY_ANSWER = 11
 
 
 # The types encode_batches may split: the others carry one thing each.
@@ -92,6 +105,9 @@ BATCH_TYPES = frozenset({MessageType.STATE_ANSWER, MessageType.STATE_PUSH, Messa
 # The types whose message is an answer or a question about given flows: empty, it means nothing.
 _NON_EMPTY_TYPES = frozenset({MessageType.STATE_ANSWER, MessageType.CARRIER_QUERY,
                               MessageType.CARRIER_REPLY})
+# The types whose payload is no list of fixed-size records.
+_STRUCTURED_TYPES = frozenset({MessageType.STATE_REQUEST, MessageType.HISTORY_REQUEST,
+                               MessageType.HISTORY_ANSWER})
 
 
 class PeerError(PylbError):
@@ -250,6 +266,105 @@ class NotCarried:
         _check_key(self.key)
 
 
+@dataclasses.dataclass(frozen=True)
+class HistoryBackend:
+    """A backend a HISTORY_ANSWER names: one of the answerer's current
+    backend list (in its order, with the weight its table is built from), or
+    the previous backend of some stateful bucket."""
+
+    address: IPAddress
+    name: str
+    weight: int         # in the answerer's current table; 0 for one not in it
+    current: bool       # in the answerer's current backend list
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "address", _record_address(self.address))
+        if not isinstance(self.name, str) or not 1 <= len(self.name.encode()) <= 255:
+            raise ValueError(f"a backend name is 1..255 bytes of UTF-8, not {self.name!r}")
+        _check_range("weight", self.weight, 0xFFFF)
+        object.__setattr__(self, "current", bool(self.current))
+
+    @property
+    def wire_len(self) -> int:
+        return HISTORY_BACKEND_LEN + len(self.name.encode())
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketGroup:
+    """Stateful buckets of a VIP that share their previous backend (an index
+    into the VIP's backend entries, or NO_PREVIOUS) and the age of their last
+    move, in ms at the answerer."""
+
+    previous: int
+    age_ms: int
+    buckets: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _check_range("previous", self.previous, NO_PREVIOUS)
+        _check_range("age_ms", self.age_ms, _U32)
+        object.__setattr__(self, "buckets", tuple(self.buckets))
+        if not self.buckets:
+            raise ValueError("a bucket group has at least one bucket")
+        for b in self.buckets:
+            _check_range("bucket", b, _U32)
+        if any(a >= b for a, b in zip(self.buckets, self.buckets[1:])):
+            raise ValueError("a bucket group's buckets are strictly ascending")
+
+    @property
+    def wire_len(self) -> int:
+        return HISTORY_GROUP_LEN + 4 * len(self.buckets)
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryPart:
+    """One datagram of a HISTORY_ANSWER (pylb/history.py): part `part` of
+    `parts` answering the HISTORY_REQUEST whose seq is `answers`. It carries
+    backend entries and bucket groups of one VIP; a VIP's entries are
+    numbered across the parts in order. `unknown`: the answerer does not
+    know the tables in force itself (one part, no VIP)."""
+
+    answers: int
+    part: int
+    parts: int
+    unknown: bool = False
+    vip: IPAddress | None = None    # None: no VIP (an unknown answer, or one with no VIPs)
+    proto: int = 0
+    port: int = 0
+    table_size: int = 0
+    backends: tuple[HistoryBackend, ...] = ()
+    groups: tuple[BucketGroup, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_range("answers", self.answers, _U64)
+        _check_range("parts", self.parts, 0xFFFF, low=1)
+        _check_range("part", self.part, self.parts - 1)
+        object.__setattr__(self, "backends", tuple(self.backends))
+        object.__setattr__(self, "groups", tuple(self.groups))
+        if not all(isinstance(b, HistoryBackend) for b in self.backends) \
+                or not all(isinstance(g, BucketGroup) for g in self.groups):
+            raise ValueError("a history part carries HistoryBackends and BucketGroups")
+        if self.vip is None:
+            if self.proto or self.port or self.table_size or self.backends or self.groups:
+                raise ValueError("a history part without a VIP carries nothing else")
+        else:
+            object.__setattr__(self, "vip", _record_address(self.vip))
+            if self.proto not in _VIP_PROTOS:
+                raise ValueError(f"proto must be 6 (TCP) or 17 (UDP), not {self.proto!r}")
+            _check_range("port", self.port, 0xFFFF)
+            _check_range("table_size", self.table_size, _U32, low=1)
+            if any(g.buckets[-1] >= self.table_size for g in self.groups):
+                raise ValueError("a bucket is not below the table size")
+        if self.unknown and (self.vip is not None or self.parts != 1):
+            raise ValueError("an unknown answer is one part without a VIP")
+        if len(self.backends) + len(self.groups) > 0xFFFF:
+            raise ValueError("too many entries for one part")
+
+    @property
+    def wire_len(self) -> int:
+        return HISTORY_PART_LEN + sum(b.wire_len for b in self.backends) \
+            + sum(g.wire_len for g in self.groups)
+
+
 _RECORD_CLASS = {MessageType.REMOVE: (RemoveRecord,), MessageType.CLEAN: (CleanRecord,),
                  MessageType.CARRIER_QUERY: (FlowQuery,),
                  MessageType.CARRIER_REPLY: (StateRecord, NotCarried)}
@@ -293,6 +408,7 @@ class Message:
     lane_key: int = 0               # the lane key of every flow it carries; 0 for CLEAN
     sender_lane: int = 0            # the sending worker process (its own seq counter)
     retry: bool = False             # STATE_REQUEST only: sent to the receiver before (FLAG_RETRY)
+    part: HistoryPart | None = None  # HISTORY_ANSWER only
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "type", MessageType(self.type))
@@ -311,6 +427,15 @@ class Message:
             return
         if self.packet is not None or self.headers_only or self.retry:
             raise ValueError(f"a {self.type.name} carries no packet")
+        if (self.part is not None) != (self.type == MessageType.HISTORY_ANSWER):
+            raise ValueError("a HISTORY_ANSWER, and it alone, carries a HistoryPart")
+        if self.type in (MessageType.HISTORY_REQUEST, MessageType.HISTORY_ANSWER):
+            if self.records:
+                raise ValueError(f"a {self.type.name} carries no records")
+            if self.part is not None and (not isinstance(self.part, HistoryPart)
+                                          or self.part.wire_len > _MAX_PAYLOAD):
+                raise ValueError("a HISTORY_ANSWER carries one HistoryPart that fits a message")
+            return
         classes = _record_classes(self.type)
         if not all(isinstance(r, classes) for r in self.records):
             names = " and ".join(f"{c.__name__}s" for c in classes)
@@ -331,7 +456,71 @@ def _payload(msg: Message) -> bytes:
                         for r in msg.records)
     if msg.type == MessageType.CARRIER_QUERY:
         return b"".join(r.key for r in msg.records)
+    if msg.type == MessageType.HISTORY_REQUEST:
+        return b""
+    if msg.type == MessageType.HISTORY_ANSWER:
+        return _history_bytes(msg.part)
     return b"".join(_state_bytes(r) for r in msg.records)
+
+
+def _count(msg: Message) -> int:
+    if msg.part is not None:
+        return len(msg.part.backends) + len(msg.part.groups)
+    return len(msg.records)
+
+
+def _history_bytes(p: HistoryPart) -> bytes:
+    vip = packed16(p.vip) if p.vip is not None else bytes(16)
+    out = [_HISTORY_PART.pack(p.answers, p.part, p.parts, _HISTORY_UNKNOWN if p.unknown else 0,
+                              p.proto, p.port, vip, p.table_size, len(p.backends),
+                              len(p.groups))]
+    for b in p.backends:
+        name = b.name.encode()
+        out.append(_HISTORY_BACKEND.pack(packed16(b.address), b.weight,
+                                         _HISTORY_CURRENT if b.current else 0, len(name)) + name)
+    for g in p.groups:
+        out.append(_HISTORY_GROUP.pack(g.previous, 0, g.age_ms, len(g.buckets))
+                   + struct.pack(f"!{len(g.buckets)}I", *g.buckets))
+    return b"".join(out)
+
+
+def _decode_history(payload: bytes) -> HistoryPart:
+    """A HISTORY_ANSWER's part; ValueError where the layout does not hold."""
+    if len(payload) < HISTORY_PART_LEN:
+        raise ValueError("a history part shorter than its header")
+    (answers, part, parts, flags, proto, port, vip, table_size, n_backends,
+     n_groups) = _HISTORY_PART.unpack_from(payload)
+    if flags & ~_HISTORY_UNKNOWN:
+        raise ValueError("unknown history part flags")
+    at, backends, groups = HISTORY_PART_LEN, [], []
+    for _ in range(n_backends):
+        if at + HISTORY_BACKEND_LEN > len(payload):
+            raise ValueError("a backend entry past the payload")
+        address, weight, bflags, name_len = _HISTORY_BACKEND.unpack_from(payload, at)
+        at += HISTORY_BACKEND_LEN
+        name = payload[at:at + name_len]
+        at += name_len
+        if bflags & ~_HISTORY_CURRENT or len(name) != name_len:
+            raise ValueError("a bad backend entry")
+        backends.append(HistoryBackend(address16(address), name.decode(), weight,
+                                       bool(bflags & _HISTORY_CURRENT)))
+    for _ in range(n_groups):
+        if at + HISTORY_GROUP_LEN > len(payload):
+            raise ValueError("a bucket group past the payload")
+        previous, pad, age_ms, n = _HISTORY_GROUP.unpack_from(payload, at)
+        at += HISTORY_GROUP_LEN
+        if pad or at + 4 * n > len(payload):
+            raise ValueError("a bad bucket group")
+        groups.append(BucketGroup(previous, age_ms, struct.unpack_from(f"!{n}I", payload, at)))
+        at += 4 * n
+    if at != len(payload):
+        raise ValueError("bytes after the history part's entries")
+    has_vip = proto != 0
+    if not has_vip and any(vip):
+        raise ValueError("a VIP address without a protocol")
+    return HistoryPart(answers, part, parts, bool(flags & _HISTORY_UNKNOWN),
+                       address16(vip) if has_vip else None, proto, port, table_size,
+                       tuple(backends), tuple(groups))
 
 
 _NOT_CARRIED_TAIL = _STATE.pack(bytes(40), bytes(16), 0, 0, _RECORD_NOT_CARRIED, bytes(7))[40:]
@@ -356,7 +545,7 @@ def encode(msg: Message, key: bytes | None) -> bytes:
         | (FLAG_RETRY if msg.retry else 0)
     header = _HEADER.pack(MAGIC, VERSION, msg.type, flags,
                           msg.sender, msg.view.member_gen, msg.view.member_hash,
-                          msg.view.table_gen, msg.seq, len(msg.records), len(payload),
+                          msg.view.table_gen, msg.seq, _count(msg), len(payload),
                           msg.lane_key, msg.sender_lane, bytes(10))
     signed = header + payload
     return signed + _mac(key, signed) if key is not None else signed
@@ -368,6 +557,12 @@ def _payload_room(mtu: int, ip_version: int, keyed: bool) -> int:
         raise ValueError(f"ip_version is 4 or 6, not {ip_version!r}")
     room = mtu - _IP_HEADER_LEN[ip_version] - _UDP_LEN - HEADER_LEN - (MAC_LEN if keyed else 0)
     return max(0, min(room, _MAX_PAYLOAD))
+
+
+def payload_room(mtu: int, ip_version: int, keyed: bool) -> int:
+    """Payload bytes a datagram whose IP packet is at most mtu can carry (a
+    HISTORY_ANSWER part's wire_len must not exceed it)."""
+    return _payload_room(mtu, ip_version, keyed)
 
 
 def records_per_message(type_: MessageType, mtu: int, ip_version: int, keyed: bool) -> int:
@@ -427,6 +622,11 @@ def decode(data: bytes, key: bytes | None) -> Message:
     if type_ == MessageType.STATE_REQUEST:
         if count != 0:
             raise _malformed("a STATE_REQUEST with records")
+    elif type_ == MessageType.HISTORY_REQUEST:
+        if count != 0 or payload_len != 0:
+            raise _malformed("a HISTORY_REQUEST with a payload")
+    elif type_ == MessageType.HISTORY_ANSWER:
+        pass        # its layout is checked once authenticated
     elif payload_len != count * _record_len(type_):
         raise _malformed(f"{count} records in {payload_len} bytes")
     elif type_ in _NON_EMPTY_TYPES and count < 1:
@@ -450,6 +650,13 @@ def decode(data: bytes, key: bytes | None) -> Message:
                        headers_only=bool(flags & FLAG_HEADERS_ONLY), lane_key=lane,
                        sender_lane=sender_lane, retry=bool(flags & FLAG_RETRY))
     try:
+        if type_ == MessageType.HISTORY_ANSWER:
+            part = _decode_history(payload)
+            if count != len(part.backends) + len(part.groups):
+                raise ValueError(f"count {count} for {len(part.backends)} backends and "
+                                 f"{len(part.groups)} groups")
+            return Message(type_, sender, view, seq, (), lane_key=lane, sender_lane=sender_lane,
+                           part=part)
         records = tuple(_decode_records(type_, payload))
     except ValueError as err:
         raise _malformed(str(err)) from None

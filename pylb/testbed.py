@@ -74,6 +74,9 @@ class Testbed:
                 self.lbs[name] = Balancer(self.config(name))
                 self.alive.add(name)
                 self.router.append(name)
+            # The cluster starts: its members tell each other that no tables
+            # are in force yet (pylb/history.py) before any traffic comes.
+            self.settle()
         except BaseException:
             self.close()
             raise
@@ -103,17 +106,15 @@ class Testbed:
                                    for b in backends]}],
         }, f"testbed {name}")
 
-    def add_balancer(self, name: str, join_router: bool = True) -> None:
-        """A balancer joins: configured everywhere, then (optionally) in the router."""
+    def add_balancer(self, name: str, join_router: bool = True,
+                     previous: list[config_mod.Config] | None = None) -> None:
+        """A balancer joins: configured everywhere, then (optionally) in the
+        router. It learns the tables in force from the members
+        (pylb/history.py); previous: configurations given instead
+        (Balancer(previous_config=...), the override)."""
         self.index.setdefault(name, len(self.index))
-        before = [n for n in self.names if n != name]
         if name not in self.names:
             self.names.append(name)
-        # It joins a cluster that ran without it, while every backend change
-        # is in force (nothing retires in a test): it is given each
-        # configuration since the first, oldest first.
-        previous = [self.config(before[0], backends, before)
-                    for backends in self.backend_history or [self.backends]]
         self.lbs[name] = Balancer(self.config(name), previous_config=previous)
         self.alive.add(name)
         if join_router:
@@ -245,8 +246,10 @@ class Testbed:
         quiet, quiet_since = 0, None
         while time.monotonic() < deadline:
             moved = self.step()
-            # An owner waiting for a flow's state still holds its packets.
+            # An owner waiting for a flow's state still holds its packets,
+            # and so does a joiner learning the tables in force.
             waiting = any(self.lbs[n].cluster.pending or self.lbs[n].cluster.undecided
+                          or self.lbs[n].cluster.history.learning
                           for n in self.alive - self.stalled)
             if moved or waiting:
                 quiet, quiet_since = 0, None

@@ -230,7 +230,7 @@ MALFORMED = [
     ("version 2", header(version=2) + RECORD),
     ("version 0", header(version=0) + RECORD),
     ("type 0", header(type_=0) + RECORD),
-    ("type 10", header(type_=10) + RECORD),
+    ("type 12", header(type_=12) + RECORD),
     ("unknown flag", header(flags=0x0008) + RECORD),
     ("headers-only flag on a push", header(flags=0x0002) + RECORD),
     ("retry flag on a push", header(flags=0x0004) + RECORD),
@@ -346,7 +346,7 @@ def test_arbitrary_bytes_decode_or_raise_peer_error(data, key):
 
 
 @settings(max_examples=500)
-@given(st.integers(0, 10), st.integers(0, 7), st.integers(0, 4), st.integers(0, 2 * RECORD_LEN + 2),
+@given(st.integers(0, 12), st.integers(0, 7), st.integers(0, 4), st.integers(0, 2 * RECORD_LEN + 2),
        st.binary(max_size=2 * RECORD_LEN + 2), st.sampled_from(KEYS))
 def test_plausible_headers_decode_or_raise_peer_error(type_, flags, count, payload_len, payload,
                                                       key):
@@ -451,7 +451,7 @@ INVALID = [
     ("push with a packet", lambda: Message(MessageType.STATE_PUSH, SENDER, VIEW, 1, (), V4_PACKET)),
     ("payload over 65535 bytes",
      lambda: Message(MessageType.STATE_PUSH, SENDER, VIEW, 1, (state(1),) * 863)),
-    ("unknown type", lambda: Message(10, SENDER, VIEW, 1, ())),
+    ("unknown type", lambda: Message(12, SENDER, VIEW, 1, ())),
     ("retry on a push", lambda: Message(MessageType.STATE_PUSH, SENDER, VIEW, 1, (), retry=True)),
     ("carrier query without a flow", lambda: Message(MessageType.CARRIER_QUERY, SENDER, VIEW, 1)),
     ("carrier reply without a flow", lambda: Message(MessageType.CARRIER_REPLY, SENDER, VIEW, 1)),

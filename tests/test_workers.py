@@ -123,6 +123,15 @@ def test_retire_previous_asks_every_worker_and_retires_at_once(lanes):
 
 
 @pytest.mark.dpdk
+def test_a_joiner_with_two_workers_learns_the_tables_for_both():
+    r = run_support("join", "600", prefix="pylb-tw-join")
+    # Worker 0 learnt the members' stateful buckets and the other worker has them too.
+    assert r["stateful"] == r["members_stateful"] > 0 and r["workers_stateful"] == [r["stateful"]]
+    assert r["history"].get("history_answers_taken", 0) >= 1, r
+    assert (r["broken"], r["lost"]) == (0, 0) and r["moved"] > 0, r
+
+
+@pytest.mark.dpdk
 def test_retirement_asks_every_worker_and_every_worker_follows():
     r = run_support("retire", "1000", prefix="pylb-tw-retire")
     assert r["retired"] > 0 and r["after"] < r["before"], r

@@ -111,6 +111,32 @@ def run_retire(n_flows: int) -> dict:
                 "broken": tb.broken(flows), "lost": tb.lost(flows)}
 
 
+def run_join(n_flows: int) -> dict:
+    """After a backend change, lb4 joins with two workers and no previous
+    configuration: its worker 0 learns the tables in force from the members
+    and hands them to the other worker; then the router sends every flow to lb4."""
+    flows = testbed.flows(n_flows, 13)
+    with testbed.Testbed(["lb1", "lb2", "lb3"], scenarios.BACKENDS[:4],
+                         workers={"lb4": 2}) as tb:
+        tb.send(flows, "S")
+        tb.send(flows, "PA")
+        tb.set_backends(["b-2", "b-3", "b-4", "b-5"])
+        tb.send(flows, "PA")
+        tb.add_balancer("lb4", join_router=False)
+        tb.settle()
+        lb = tb.lbs["lb4"]
+        tb.set_router(["lb4"])
+        tb.send(flows, "PA")
+        tb.send(flows, "FA")
+        reports = lane_reports(lb)
+        return {"broken": tb.broken(flows), "lost": tb.lost(flows),
+                "moved": tb.moved_flows(flows), "stateful": lb.stateful_buckets(),
+                "workers_stateful": [r["stateful_buckets"] for r in reports],
+                "members_stateful": tb.lbs["lb1"].stateful_buckets(),
+                "history": {k: v for k, v in tb._cluster_totals("lb4")["counters"].items()
+                            if k.startswith("history")}}
+
+
 def run_kill(how: str) -> dict:
     """A worker process dies (SIGKILL) or hangs (SIGSTOP): worker 0's loop
     stops with the reason."""
@@ -139,6 +165,8 @@ def main() -> None:
             result = run_scenarios(int(sys.argv[2]))
         elif what == "lanes":
             result = run_lanes(int(sys.argv[2]))
+        elif what == "join":
+            result = run_join(int(sys.argv[2]))
         elif what == "retire":
             result = run_retire(int(sys.argv[2]))
         else:

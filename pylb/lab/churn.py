@@ -7,9 +7,8 @@ While every echo connection streams and HTTP requests keep coming:
   c. lb2 is killed with SIGKILL; the router notices (`detect_s` later, as
      BFD or a BGP hold timer would) and drops it, and configuration
      management removes it from the members (its backups become owners);
-  d. lb4 starts with --previous-config (the cluster as it was before the
-     backend change, with the members it joins), becomes a member, and the
-     router adds it;
+  d. lb4 starts (it learns the tables in force from the members:
+     pylb/history.py), becomes a member, and the router adds it;
   e. configuration management removes lb3 from the other members, then an
      operator drains it with `pylb drain --wait` (in lb3's namespace, over
      its admin socket): lb3 hands its ownership off and runs its withdraw
@@ -313,12 +312,11 @@ def run_mode(lab: Lab, exchange: bool, plan: Plan, echo=print) -> ModeResult:
         until(steps[-1].at + plan.gap_s)
 
         step("d", "lb4 joins, router adds it")
-        # What lb4 must know of the change in force: the tables from before
-        # the backend change, and the members it joins (the former holders).
-        previous = ClusterState(state.members, tuple(INITIAL_BACKENDS.items()), exchange)
+        # lb4 learns the tables in force from lb1 and lb3 (it asks until
+        # they have reloaded and take its messages).
         state = state.with_members(["lb1", "lb3", "lb4"])
         states.append(("d", state))
-        lab.start_balancers(["lb4"], state, previous=previous)
+        lab.start_balancers(["lb4"], state)
         lab.reload(["lb1", "lb3"], state)
         # As a routing daemon announces a new member only once it is in sync:
         # until lb1 and lb3 know lb4's MAC, what they push to it is lost.
