@@ -192,6 +192,21 @@ int lane_keep_order(struct pylb_worker *w, struct rte_mbuf *m, uint64_t flow_id)
     return 0;
 }
 
+void lane_sweep_sticky(struct pylb_worker *w)
+{
+    /* A flow's memory goes once its lane sent all of it, even if the flow
+     * never comes back: then sticky_live falls to 0 and hits skip the lookup. */
+    for (uint32_t n = 0; n < STICKY_SWEEP_SETS && w->sticky_live; n++) {
+        struct lane_sticky *set = &w->sticky[w->sticky_sweep * STICKY_WAYS];
+        w->sticky_sweep = (w->sticky_sweep + 1) & (STICKY_SETS - 1);
+        for (int i = 0; i < STICKY_WAYS; i++)
+            if (set[i].used && lane_done_with(w, set[i].lane, set[i].pos)) {
+                set[i].used = 0;
+                w->sticky_live--;
+            }
+    }
+}
+
 void lane_publish_done(struct pylb_worker *w, uint32_t pos)
 {
     __atomic_store_n(w->lane_done[w->lane], pos, __ATOMIC_RELEASE);

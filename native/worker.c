@@ -563,6 +563,8 @@ PYLB_API int pylb_worker_poll(struct pylb_worker *w, uint32_t max_bursts, uint32
     uint32_t np = 0, bursts = 0, empty = 0, sleep_us = 0;
     struct rte_mbuf *m[PYLB_BURST];
     w->st.polls++;
+    if (PYLB_UNLIKELY(w->sticky_live))
+        lane_sweep_sticky(w);
     while (bursts < max_bursts && max_punts - np >= 2 * PYLB_BURST && w->n_free >= PYLB_BURST) {
         uint16_t n = rte_eth_rx_burst(w->port->port_id, w->rxq, m, PYLB_BURST);
         uint64_t now_tsc = rte_rdtsc();

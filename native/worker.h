@@ -33,6 +33,7 @@ struct backend_tx {
 /* A flow whose frames this worker handed to another lane (lanes.c, "Order"). */
 #define STICKY_SETS 1024
 #define STICKY_WAYS 4
+#define STICKY_SWEEP_SETS 16     /* looked at per poll while any is in use */
 struct lane_sticky {
     uint64_t flow_id;
     uint32_t pos;                /* the lane's ring position after its last frame */
@@ -71,6 +72,7 @@ struct pylb_worker {
     uint32_t *lane_done[PYLB_MAX_LANES];  /* each lane's ring position taken, handled, sent */
     struct lane_sticky *sticky;  /* STICKY_SETS x STICKY_WAYS */
     uint32_t sticky_live;        /* entries in use: 0 spares the lookup on a hit */
+    uint32_t sticky_sweep;       /* the next set lane_sweep_sticky looks at */
     struct pylb_stats st;
 };
 
@@ -92,6 +94,8 @@ void lane_pass_flow_frame(struct pylb_worker *w, struct rte_mbuf *m, uint64_t fl
  * behind the flow's frames still there (it must not overtake them), 0 when
  * it may be forwarded here. */
 int lane_keep_order(struct pylb_worker *w, struct rte_mbuf *m, uint64_t flow_id);
+/* Forgets a few sets' flows whose lanes sent everything handed to them. */
+void lane_sweep_sticky(struct pylb_worker *w);
 /* This lane took, handled and sent its ring's frames up to position pos. */
 void lane_publish_done(struct pylb_worker *w, uint32_t pos);
 /* Hands a new-state notice to another lane, or counts it lost. */

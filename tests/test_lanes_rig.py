@@ -144,6 +144,7 @@ def test_a_flows_packets_keep_their_order_when_handed_between_lanes(rig):
     assert [tcp_seq(f) for f in rig.port.drain()] == [4]
     s0 = w0.stats()
     assert (s0.lane_order_kept, s0.fwd_cache_hit) == (1, 1) and s0.broken_equations() == []
+    assert s0.lane_sticky_evicted == 0
 
 
 def peer_frame(lane_key: int, sport: int, length: int = 48) -> bytes:
