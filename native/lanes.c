@@ -39,9 +39,14 @@ PYLB_API int pylb_lanes_create(const char *name, uint16_t lanes, uint32_t ring_s
     int rc = ring_name(rname, sizeof(rname), name, 'd', 0);
     if (rc != PYLB_OK)
         return rc;
-    if (rte_memzone_reserve(rname, (size_t)lanes * DONE_STRIDE, SOCKET_ID_ANY, 0) == NULL)
+    const struct rte_memzone *done = rte_memzone_reserve(rname, (size_t)lanes * DONE_STRIDE,
+                                                         SOCKET_ID_ANY, 0);
+    if (done == NULL)
         return pylb_fail(PYLB_ENOMEM, "lanes %s: done positions: %s", name,
                          rte_strerror(rte_errno));
+    /* Rings start at position 0: so does what each lane has done (a zone
+     * reused from an earlier balancer may hold anything). */
+    memset(done->addr, 0, (size_t)lanes * DONE_STRIDE);
     for (uint16_t k = 0; k < lanes; k++) {
         rc = ring_name(rname, sizeof(rname), name, 'f', k);
         if (rc != PYLB_OK)
