@@ -81,6 +81,13 @@ def snapshot(dp: Dataplane, now: float) -> list[VipAnswer]:
     for vip in dp.config.vips:
         entries = [HistoryBackend(b.address, b.name, b.weight, True) for b in vip.backends]
         index = {(b.name, b.address): i for i, b in enumerate(entries)}
+        # Every backend the VIP has had here, not only the tables' previous
+        # ones: a flow that started on a backend since removed may still be
+        # on it, and a joiner must take its state (protocol rule 5).
+        for ref in dp.backends:
+            if ref.vip == vip.name and (ref.name, ref.address) not in index:
+                index[(ref.name, ref.address)] = len(entries)
+                entries.append(HistoryBackend(ref.address, ref.name, 0, False))
         by_class: dict[tuple[int, float], list[int]] = {}
         h = dp.history.get(vip.name)
         for bucket in h.stateful if h else ():
@@ -181,6 +188,8 @@ def compose(config, generation: int, registry, answer: list[VipAnswer], base: Da
         member_vips.append(vip.model_copy(update={"backends": [
             config_mod.Backend(name=b.name, address=b.address, weight=b.weight)
             for b in theirs.backends if b.current]}))
+        for b in theirs.backends:       # known here too: their flows' state is taken
+            registry.id_for(vip.name, b.name, b.address)
         learnt[vip.name] = _vip_history(vip, theirs, registry, now)
     member = Dataplane(config.model_copy(update={"vips": member_vips}), generation, registry,
                        learnt=learnt, now=now)
