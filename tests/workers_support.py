@@ -4,6 +4,8 @@ need one started for several (pylb/lanes.py). Prints one JSON line.
 
     python tests/workers_support.py scenarios N_FLOWS PREFIX
     python tests/workers_support.py lanes N_FLOWS PREFIX
+    python tests/workers_support.py retire N_FLOWS PREFIX
+    python tests/workers_support.py join N_FLOWS PREFIX
     python tests/workers_support.py kill SIGKILL|SIGSTOP PREFIX
 """
 from __future__ import annotations
