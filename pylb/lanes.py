@@ -185,31 +185,33 @@ class LaneSet:
         a flow of on an old backend (and whether it is moving state). None
         until all of them answered the latest question; then (busy,
         {vip: buckets}) per worker, and the next call asks again."""
-        now = time.monotonic()
-        if self._ask is None or now - self._ask_at > DIVERGENT_RETRY_S:
-            self._ask_id += 1
-            self._ask, self._ask_at = self._ask_id, now
-            self.broadcast(("divergent", self._ask))
+        if self._ask is None or time.monotonic() - self._ask_at > DIVERGENT_RETRY_S:
+            self._ask_divergent_now()
             return None
-        answers = [self._answers.get(r.index) for r in self.roles]
-        if any(a is None or a[0] != self._ask for a in answers):
+        if not self._all_answered():
             return None
         self._ask = None
-        return [(busy, held) for _, busy, held in answers]
+        return [self._answers[r.index][1:] for r in self.roles]
 
     def ask_divergent(self, timeout: float = 5.0) -> bool:
         """Asks every worker the retirement question now and waits until all
         answered (True) or timeout: the next divergent() returns the answers."""
-        self._ask_id += 1
-        self._ask, self._ask_at = self._ask_id, time.monotonic()
-        self.broadcast(("divergent", self._ask))
+        self._ask_divergent_now()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.failed is None:
             self.poll()
-            if all((self._answers.get(r.index) or (None,))[0] == self._ask for r in self.roles):
+            if self._all_answered():
                 return True
             time.sleep(0.001)
         return False
+
+    def _ask_divergent_now(self) -> None:
+        self._ask_id += 1
+        self._ask, self._ask_at = self._ask_id, time.monotonic()
+        self.broadcast(("divergent", self._ask))
+
+    def _all_answered(self) -> bool:
+        return all((self._answers.get(r.index) or (None,))[0] == self._ask for r in self.roles)
 
     def _fail(self, why: str) -> None:
         if self.failed is None:
